@@ -1,0 +1,69 @@
+"""Token-length check: the sample as training will see it (ChatML template, 258 tokens per picture),
+against `--max-length`, and the length distribution of the whole file."""
+
+from __future__ import annotations
+
+import math
+from array import array
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ..model.processor import IMAGE_TOKENS, ChatTemplate
+from ..model.tokenizer import QwenVLTokenizer
+from ..schemas import HistogramBin, LengthStats
+
+# (code, message)
+EmitLength = Callable[[str, str], None]
+
+
+class LengthChecker:
+    def __init__(self, model_dir: str | Path, max_length: int):
+        self.model_dir = Path(model_dir)
+        self.template = ChatTemplate(QwenVLTokenizer.from_pretrained(model_dir))
+        self.max_length = max_length
+        self.lengths = array("l")
+
+    def check(self, turns: Sequence[tuple[str, str]], emit: EmitLength) -> None:
+        encoded = self.template.encode(turns)
+        length = len(encoded)
+        self.lengths.append(length)
+        limit = self.max_length
+        if length <= limit:
+            return
+        over = f"{length} tokens > --max-length {limit}"
+        for start in encoded.image_starts:
+            if start < limit < start + IMAGE_TOKENS:
+                picture = encoded.image_starts.index(start) + 1
+                emit(
+                    "L501",
+                    f"{over}: the cut falls inside picture {picture} (tokens {start}–{start + IMAGE_TOKENS - 1})",
+                )
+                return
+        if encoded.first_target is None or encoded.first_target >= limit:
+            emit("L502", f"{over}: no token of the assistant's answers is left after truncation")
+            return
+        emit("L503", f"{over}: the last {length - limit} tokens will not be learned")
+
+    def stats(self, bins: int = 8) -> LengthStats | None:
+        if not self.lengths:
+            return None
+        ordered = sorted(self.lengths)
+        count = len(ordered)
+        top = max(ordered[-1], self.max_length)
+        width = max(1, -(-top // bins))
+        counts = [0] * bins
+        for value in ordered:
+            counts[min(bins - 1, (value - 1) // width if value > 0 else 0)] += 1
+        return LengthStats(
+            tokenizer=str(self.model_dir),
+            max_length=self.max_length,
+            count=count,
+            min=ordered[0],
+            median=ordered[(count - 1) // 2],
+            p95=ordered[max(0, math.ceil(0.95 * count) - 1)],
+            max=ordered[-1],
+            over_limit=sum(1 for value in ordered if value > self.max_length),
+            histogram=[
+                HistogramBin(low=i * width + 1 if i else 0, high=(i + 1) * width, count=c) for i, c in enumerate(counts)
+            ],
+        )

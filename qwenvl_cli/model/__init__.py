@@ -1,0 +1,1 @@
+"""Native Qwen-VL: tokenizer and chat template (model, vision and checkpoint I/O come later)."""

@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny tokenizer checkpoint folder built here (no hub), and data-file helpers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qwenvl_cli.demo import DEMO_DATA
+from qwenvl_cli.model.tokenizer import VOCAB_FILE, train_bpe_ranks, write_ranks
+
+SHARED_VOCAB = Path(__file__).resolve().parents[1].parent / "shared" / "vocab" / "qwen.tiktoken"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A folder with a small deterministic `qwen.tiktoken` (all it takes to count tokens)."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    corpus = DEMO_DATA.read_text("utf-8") + " The quick brown fox jumps over the lazy dog. " * 3
+    write_ranks(train_bpe_ranks(corpus, 512), folder / VOCAB_FILE)
+    return folder
+
+
+@pytest.fixture
+def write_json(tmp_path):
+    """write_json(obj, name="data.json") -> path: dump `obj` as a JSON file in a fresh folder."""
+
+    def write(obj, name: str = "data.json") -> Path:
+        path = tmp_path / name
+        path.write_text(json.dumps(obj, ensure_ascii=False, indent=1), "utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def write_jsonl(tmp_path):
+    """write_jsonl(samples_or_lines, name="data.jsonl") -> path; str items are written as raw lines."""
+
+    def write(items, name: str = "data.jsonl") -> Path:
+        path = tmp_path / name
+        lines = [item if isinstance(item, str) else json.dumps(item, ensure_ascii=False) for item in items]
+        path.write_text("\n".join(lines) + "\n", "utf-8")
+        return path
+
+    return write
+
+
+def sample(sample_id: str = "s0", *turns: str, roles: tuple[str, ...] | None = None) -> dict:
+    """A sample with alternating user/assistant turns (or the given roles)."""
+    turns = turns or ("Hello", "Hi!")
+    roles = roles or tuple("user" if i % 2 == 0 else "assistant" for i in range(len(turns)))
+    return {"id": sample_id, "conversations": [{"from": r, "value": v} for r, v in zip(roles, turns, strict=True)]}
