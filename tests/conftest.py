@@ -46,9 +46,3 @@ def write_jsonl(tmp_path):
 
     return write
 
-
-def sample(sample_id: str = "s0", *turns: str, roles: tuple[str, ...] | None = None) -> dict:
-    """A sample with alternating user/assistant turns (or the given roles)."""
-    turns = turns or ("Hello", "Hi!")
-    roles = roles or tuple("user" if i % 2 == 0 else "assistant" for i in range(len(turns)))
-    return {"id": sample_id, "conversations": [{"from": r, "value": v} for r, v in zip(roles, turns, strict=True)]}
