@@ -424,3 +424,12 @@ FATAL_FILE_CODES = frozenset({"F001", "F002", "F003", "F005", "F006"})
 
 def check(code: str) -> CheckInfo:
     return CHECKS[code]
+
+
+def catalogue_markdown() -> str:
+    """The check table of docs/data-format.md (kept in step by a test)."""
+    rows = ["| code | check | severity | meaning | fix |", "|---|---|---|---|---|"]
+    for info in CHECKS.values():
+        cells = [f"`{info.code}`", info.name, info.severity.value, info.meaning, info.fix]
+        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(rows)

@@ -150,7 +150,8 @@ class DataFile:
     def _jsonl_records(self, on_progress: Callable[[int], None] | None) -> Iterator[Record]:
         text, decode, ws = self.text, _decoder.raw_decode, _WS.match
         n = len(text)
-        pos, line, index = 0, 1, 0
+        pos = 1 if text.startswith("\ufeff") else 0
+        line, index = 1, 0
         while pos < n:
             nl = text.find("\n", pos)
             if nl < 0:

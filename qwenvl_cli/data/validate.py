@@ -301,6 +301,7 @@ def _check_images(
     for state, ref, key in keyed:
         result = results[key]
         if result.code is not None:
+            fix = _path_hint(ref.path) if result.code == "I401" else None
             collector.add(
                 result.code,
                 result.message,
@@ -310,12 +311,22 @@ def _check_images(
                 ref.sample_id,
                 ref.turn,
                 _short_path(ref.path),
+                fix,
             )
     return {
         "images_checked": sum(1 for k in jobs if k.startswith("file:")),
         "urls_found": urls_found,
         "urls_checked": sum(1 for k in jobs if k.startswith("url:")),
     }
+
+
+def _path_hint(path: str) -> str | None:
+    """A more specific fix for a path that does not exist, when the cause is visible in the path."""
+    if path != path.strip():
+        return "Remove the spaces or newlines around the path inside <img>…</img>."
+    if "\\" in path:
+        return "Write the path with forward slashes (/); backslashes are not separators here."
+    return None
 
 
 def _short_path(path: str, width: int = 80) -> str:
