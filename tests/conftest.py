@@ -45,4 +45,3 @@ def write_jsonl(tmp_path):
         return path
 
     return write
-
