@@ -418,13 +418,6 @@ CATEGORY_TITLES = {
     "length": "Length (with --model)",
 }
 
-# Checks whose failure makes the whole file unusable (exit code 2).
-FATAL_FILE_CODES = frozenset({"F001", "F002", "F003", "F005", "F006"})
-
-
-def check(code: str) -> CheckInfo:
-    return CHECKS[code]
-
 
 def catalogue_markdown() -> str:
     """The check table of docs/data-format.md (kept in step by a test)."""

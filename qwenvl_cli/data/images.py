@@ -142,10 +142,10 @@ class UrlChecker:
         if response.status_code >= 400:
             return ImageResult("I407", f"{url} answered HTTP {response.status_code} {response.reason or ''}".strip())
         content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        with self._lock:
-            self._good[url] = time.time()
         if content_type and not content_type.startswith("image/") and content_type != "application/octet-stream":
             return ImageResult("I409", f"{url} is served as {content_type}, not as an image")
+        with self._lock:
+            self._good[url] = time.time()  # only clean answers are remembered
         return OK
 
     def save(self) -> None:

@@ -29,8 +29,8 @@ _TAG_RE = re.compile(r"<(/?)(img|ref|box|quad)>")
 # Control tokens of the Qwen tokenizer that must never appear as typed text.
 CONTROL_TOKEN_RE = re.compile(r"<\|(?:endoftext|im_start|im_end|extra_\d+)\|>|<imgpad>")
 # The label the model was trained with, directly before `<img>`.
-_LABEL_RE = re.compile(r"Picture (\d+): $")
-_LOOSE_LABEL_RE = re.compile(r"picture\s*(\d+)\s*[:：]?\s*$", re.IGNORECASE)
+_LABEL_RE = re.compile(r"Picture (\d+): \Z")
+_LOOSE_LABEL_RE = re.compile(r"picture\s*(\d+)\s*[:：]?\s*\Z", re.IGNORECASE)
 _POINT = r"\((-?\d+),(-?\d+)\)"
 _BOX_RE = re.compile(rf"{_POINT},{_POINT}")
 _POINT_RE = re.compile(_POINT)

@@ -87,12 +87,13 @@ class DataFile:
         first = text[pos]
         if first == "[":
             return cls(path, text, "json", pos)
-        if first != "{":
+        jsonl_name = path.suffix.lower() in (".jsonl", ".ndjson")
+        if first != "{" and not jsonl_name:
             line, column = _line_col(text, pos)
             raise DataFileError(
                 FileProblem("F004", f"expected `[` (JSON list) or `{{` (JSONL) but found {first!r}", line, column)
             )
-        if path.suffix.lower() not in (".jsonl", ".ndjson"):
+        if not jsonl_name:
             # A .json file starting with `{`: one object (wrong) or JSON Lines under another name.
             try:
                 obj, end = _decoder.raw_decode(text, pos)
@@ -187,12 +188,12 @@ class DataFile:
 
 def _single_object_message(obj: Any) -> str:
     if isinstance(obj, dict):
+        if "conversations" in obj:
+            return "the file holds a single sample object; wrap it in a list: [ {...} ]"
         for key, value in obj.items():
             if isinstance(value, list) and value and isinstance(value[0], dict):
                 return (
                     f"the file holds one JSON object, not a list; its samples seem to be under the key "
                     f"{key!r}: save that list itself as the top level"
                 )
-        if "conversations" in obj:
-            return "the file holds a single sample object; wrap it in a list: [ {...} ]"
     return "the file holds one JSON object, not a list of samples"

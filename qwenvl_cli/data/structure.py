@@ -7,6 +7,7 @@ to skip the markup scanner for text without `<`.
 from __future__ import annotations
 
 import json
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -66,10 +67,16 @@ class SampleChecker:
     """Checks samples of one file; remembers ids and conversations to find duplicates."""
 
     def __init__(self) -> None:
-        self._ids: dict[str, int] = {}
-        self._conversations: dict[int, int] = {}
+        self._ids: dict[str, int] = {}  # id -> index of the first sample using it
+        self._conversations: dict[int, int] = {}  # hash of the turns -> index of the first sample
+        self._lines = array("l")  # line of each sample checked so far
+
+    def _where(self, index: int) -> str:
+        return f"sample #{index} (line {self._lines[index]})"
 
     def check(self, index: int, line: int, sample: Any, emit: Emit) -> CheckedSample:
+        """Check sample number `index` (0-based, consecutive) starting on `line`, reporting through `emit`."""
+        self._lines.append(line)
         if not isinstance(sample, dict):
             emit("S101", f"sample is a JSON {_json_type(sample)}, not an object", None, _short(sample), None)
             return CheckedSample(None, None, [])
@@ -86,9 +93,9 @@ class SampleChecker:
                 emit("S104", "`id` is empty", None, None, None)
             else:
                 sample_id = raw_id
-                first_line = self._ids.setdefault(raw_id, line)
-                if first_line != line:
-                    emit("S105", f"id {raw_id!r} is already used by the sample on line {first_line}", None, None, None)
+                first = self._ids.setdefault(raw_id, index)
+                if first != index:
+                    emit("S105", f"id {raw_id!r} is already used by {self._where(first)}", None, None, None)
 
         if len(sample) > 2 or not KNOWN_SAMPLE_KEYS.issuperset(sample):
             extra = [k for k in sample if k not in KNOWN_SAMPLE_KEYS]
@@ -120,8 +127,11 @@ class SampleChecker:
             role = turn.get("from")
             value = turn.get("value")
             if role is None:
-                keys = ", ".join(f"`{k}`" for k in turn) or "no keys"
-                emit("S110", f"turn {t} has no `from` (it has {keys})", t, None, None)
+                if "from" in turn:
+                    emit("S110", f"turn {t}'s `from` is null", t, None, None)
+                else:
+                    keys = ", ".join(f"`{k}`" for k in turn) or "no keys"
+                    emit("S110", f"turn {t} has no `from` (it has {keys})", t, None, None)
             elif role != "user" and role != "assistant":
                 emit("S113", f"turn {t} has role {_short(role)}", t, None, _role_fix(role))
                 role = None
@@ -160,15 +170,9 @@ class SampleChecker:
 
         if turns:
             key = hash(tuple(turns))
-            first_line = self._conversations.setdefault(key, line)
-            if first_line != line:
-                emit(
-                    "S118",
-                    f"same conversation as the sample on line {first_line}",
-                    None,
-                    _text_snippet(turns[0][1]),
-                    None,
-                )
+            first = self._conversations.setdefault(key, index)
+            if first != index:
+                emit("S118", f"same conversation as {self._where(first)}", None, _text_snippet(turns[0][1]), None)
         return CheckedSample(sample_id, turns or None, images)
 
     def _check_markup(
