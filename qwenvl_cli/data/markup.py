@@ -74,8 +74,9 @@ def scan_markup(text: str) -> Scan:
             spans.append(Span("text", 0, len(text), text))
         return result
 
-    for match in CONTROL_TOKEN_RE.finditer(text):
-        problems.append(Problem("M204", match.start(), f"control token {match.group()} typed in the text"))
+    if "<|" in text or "<imgpad>" in text:
+        for match in CONTROL_TOKEN_RE.finditer(text):
+            problems.append(Problem("M204", match.start(), f"control token {match.group()} typed in the text"))
 
     n = len(text)
     pos = 0  # where to search for the next tag

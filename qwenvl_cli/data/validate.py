@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
-from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +52,6 @@ class _FileState:
     path: Path
     summary: FileSummary
     data: DataFile | None = None
-    starts: array = field(default_factory=lambda: array("q"))
-    ends: array = field(default_factory=lambda: array("q"))
     bad: set[int] = field(default_factory=set)
     warned: set[int] = field(default_factory=set)
     images: list[ImageRef] = field(default_factory=list)
@@ -201,14 +199,18 @@ def _read_file(
     state.data = data
     summary.format = data.format
     checker = SampleChecker()
-    total = len(data.text)
+    total = data.size
     label = state.path.name
     progress = (lambda done: on_progress("read", done, total, label)) if on_progress is not None else None
     check, emit, add = checker.check, collector.emit, collector.add
+    samples = 0
+    # The loop allocates millions of long-lived objects and no cycles: the cyclic collector would only
+    # walk them again and again.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
     try:
         for record in data.records(progress):
-            state.starts.append(record.start)
-            state.ends.append(record.end)
+            samples += 1
             if record.problem is not None:
                 state.broken_lines += 1
                 problem = record.problem
@@ -230,7 +232,10 @@ def _read_file(
                 lengths.check(checked.turns, collector.emit_length)
     except DataFileError as exc:
         _file_problem(collector, state, exc.problem)
-    summary.samples = len(state.starts)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    summary.samples = samples
     if summary.readable and summary.samples == 0:
         _file_problem(collector, state, FileProblem("F006", f"{state.path} holds no samples"))
     elif state.broken_lines == summary.samples:
@@ -347,12 +352,11 @@ def write_clean(states: list[_FileState], output: Path, strict: bool) -> int:
             for state in states:
                 if state.data is None:
                     continue
-                text = state.data.text
                 excluded = state.bad | state.warned if strict else state.bad
-                for index in range(len(state.starts)):
-                    if index in excluded:
+                for record in state.data.records():
+                    if record.index in excluded or record.problem is not None:
                         continue
-                    sample = json.loads(text[state.starts[index] : state.ends[index]])
+                    sample = record.value
                     if jsonl:
                         handle.write(json.dumps(sample, ensure_ascii=False))
                         handle.write("\n")
@@ -367,5 +371,11 @@ def write_clean(states: list[_FileState], output: Path, strict: bool) -> int:
         tmp.unlink(missing_ok=True)
         raise QwenvlError(
             f"cannot write {output} ({exc.strerror or exc})", "Choose a writable location for --output-clean"
+        ) from None
+    except DataFileError as exc:
+        tmp.unlink(missing_ok=True)
+        raise QwenvlError(
+            f"a data file changed while it was being checked ({exc.problem.message})",
+            "Run validate-data again once nothing is writing to it",
         ) from None
     return written
