@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console, Group
 from rich.markup import escape
 from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -38,7 +38,7 @@ def progress_hook(console: Console):
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        MofNCompleteColumn(),
+        TextColumn("{task.fields[amount]}"),
         TextColumn("{task.percentage:>3.0f}%"),
         TimeRemainingColumn(),
     )
@@ -47,10 +47,11 @@ def progress_hook(console: Console):
 
         def hook(stage: str, done: int, total: int, detail: str) -> None:
             key = (stage, detail)
+            amount = f"{done / 2**20:,.1f}/{total / 2**20:,.1f} MiB" if stage == "read" else f"{done:,}/{total:,}"
             if key not in tasks:
                 title = f"reading {detail}" if stage == "read" else f"checking {detail}"
-                tasks[key] = progress.add_task(title, total=total)
-            progress.update(tasks[key], completed=done, total=total)
+                tasks[key] = progress.add_task(title, total=total, amount=amount)
+            progress.update(tasks[key], completed=done, total=total, amount=amount)
 
         yield hook
 
