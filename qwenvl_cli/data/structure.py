@@ -45,7 +45,6 @@ class ImageRef:
 class CheckedSample:
     """What the later stages need from a structurally checked sample."""
 
-    sample_id: str | None
     turns: list[tuple[str, str]] | None  # (role, value) when every turn is well-formed
     images: list[ImageRef]
 
@@ -79,7 +78,7 @@ class SampleChecker:
         self._lines.append(line)
         if not isinstance(sample, dict):
             emit("S101", f"sample is a JSON {_json_type(sample)}, not an object", None, _short(sample), None)
-            return CheckedSample(None, None, [])
+            return CheckedSample(None, [])
 
         sample_id: str | None = None
         if "id" not in sample:
@@ -105,14 +104,14 @@ class SampleChecker:
 
         if "conversations" not in sample:
             emit("S106", "the sample has no `conversations`", None, None, None)
-            return CheckedSample(sample_id, None, [])
+            return CheckedSample(None, [])
         conversations = sample["conversations"]
         if not isinstance(conversations, list):
             emit("S107", f"`conversations` is a JSON {_json_type(conversations)}", None, _short(conversations), None)
-            return CheckedSample(sample_id, None, [])
+            return CheckedSample(None, [])
         if not conversations:
             emit("S108", "`conversations` is empty", None, None, None)
-            return CheckedSample(sample_id, None, [])
+            return CheckedSample(None, [])
 
         turns: list[tuple[str, str]] | None = []
         images: list[ImageRef] = []
@@ -173,7 +172,7 @@ class SampleChecker:
             first = self._conversations.setdefault(key, index)
             if first != index:
                 emit("S118", f"same conversation as {self._where(first)}", None, _text_snippet(turns[0][1]), None)
-        return CheckedSample(sample_id, turns or None, images)
+        return CheckedSample(turns or None, images)
 
     def _check_markup(
         self,

@@ -78,9 +78,6 @@ class _Collector:
     ) -> None:
         self.add(code, message, self.state, self.index, self.line, self.sample_id, turn, snippet, fix)
 
-    def emit_length(self, code: str, message: str) -> None:
-        self.emit(code, message)
-
     def add(
         self,
         code: str,
@@ -229,7 +226,7 @@ def _read_file(
             if checked.images:
                 state.images.extend(checked.images)
             if lengths is not None and checked.turns and record.index not in state.bad:
-                lengths.check(checked.turns, collector.emit_length)
+                lengths.check(checked.turns, emit)
     except DataFileError as exc:
         _file_problem(collector, state, exc.problem)
     finally:
