@@ -142,6 +142,62 @@ def validate_data_command(
     raise typer.Exit(report.exit_code)
 
 
+class Preset(str, Enum):
+    tiny = "tiny"
+    tiny_base = "tiny-base"
+    qwen_vl_7b = "qwen-vl-7b"
+
+
+@app.command("init-model")
+@_service_errors
+def init_model_command(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the checkpoint into.")],
+    preset: Annotated[
+        Preset,
+        typer.Option(
+            help="tiny: chat model for tests and demos; tiny-base: the same as a "
+            "base model (chat_format raw); qwen-vl-7b: the official sizes."
+        ),
+    ] = Preset.tiny,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    vocab: Annotated[
+        Path | None, typer.Option(help="A qwen.tiktoken to use instead of the built-in tiny vocabulary.")
+    ] = None,
+    weights: Annotated[
+        bool | None,
+        typer.Option(
+            "--weights/--no-weights",
+            help="Write random weights (default: yes, except for qwen-vl-7b).",
+            show_default=False,
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+) -> None:
+    """Write a randomly initialised Qwen-VL checkpoint in the official layout.
+
+    The files are those of an official checkpoint: config.json, model.safetensors, qwen.tiktoken and
+    generation_config.json, so every command can be tried end to end without downloading anything.
+
+    [bold]Examples[/]
+
+      qwenvl init-model --output models/tiny
+      qwenvl init-model --preset tiny-base --output models/tiny-base
+      qwenvl init-model --preset qwen-vl-7b --vocab Qwen-VL-Chat/qwen.tiktoken --output models/7b-config
+    """
+    from .model.presets import init_model
+
+    result = init_model(preset.value, output, seed=seed, vocab=vocab, weights=weights, force=force)
+    what = (
+        f"{result['parameters']:,} parameters"
+        if result["weights_written"]
+        else "config, tokenizer and generation config only (pass --weights for random weights, ~19 GB)"
+    )
+    stdout.print(
+        f"[green]✓[/] wrote {result['preset']} to {result['output']}: {what}; "
+        f"vocabulary {result['vocab_ranks']:,} ranks + specials, vocab_size {result['vocab_size']:,}."
+    )
+
+
 def main() -> None:
     app()
 

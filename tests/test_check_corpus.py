@@ -25,7 +25,7 @@ from PIL import Image
 
 from qwenvl_cli.data.checks import CHECKS
 from qwenvl_cli.data.validate import ValidateOptions, validate_data
-from qwenvl_cli.model.processor import IMAGE_TOKENS, ChatTemplate
+from qwenvl_cli.model.template import IMAGE_TOKENS, ChatTemplate
 from qwenvl_cli.model.tokenizer import QwenVLTokenizer
 from qwenvl_cli.schemas import Severity
 

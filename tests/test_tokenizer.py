@@ -1,4 +1,4 @@
-"""The tiktoken-based tokenizer (`qwenvl_cli.model.tokenizer`) and the ChatML template (`model.processor`)."""
+"""The tiktoken-based tokenizer (`qwenvl_cli.model.tokenizer`) and the ChatML template (`model.template`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from qwenvl_cli.data.markup import MarkupError
 from qwenvl_cli.errors import QwenvlError
-from qwenvl_cli.model.processor import DEFAULT_SYSTEM, IGNORE_INDEX, IMAGE_TOKENS, ChatTemplate
+from qwenvl_cli.model.template import DEFAULT_SYSTEM, IGNORE_INDEX, IMAGE_TOKENS, ChatTemplate
 from qwenvl_cli.model.tokenizer import (
     EXTRAS,
     SPECIAL_TOKENS,

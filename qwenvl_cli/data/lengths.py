@@ -8,7 +8,7 @@ from array import array
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..model.processor import IMAGE_TOKENS, ChatTemplate
+from ..model.template import IMAGE_TOKENS, ChatTemplate
 from ..model.tokenizer import QwenVLTokenizer
 from ..schemas import HistogramBin, LengthStats
 

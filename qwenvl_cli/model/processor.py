@@ -1,102 +1,81 @@
-"""Conversation → token ids and training labels, in Qwen's ChatML template.
+"""Conversations → model tensors (ids, labels, attention mask, pixel values) for training and chat.
 
-```
-<|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{q}<|im_end|>\\n<|im_start|>assistant\\n{a}<|im_end|>\\n
-```
-Each `<img>PATH</img>` becomes `<img>` + 256 `<imgpad>` + `</img>` (258 tokens); the model replaces
-the 256 pad embeddings by the image's vectors. Labels are -100 everywhere except `<|im_start|>`,
-`<|im_end|>` and the newline after it in every turn, and the assistant's content (the role word and
-its newline are not learned).
+The token layout and label masking come from `template.ChatTemplate`; this module adds the pictures
+(loaded and preprocessed as the model expects) and batching.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from pathlib import Path
 
-from ..data.markup import MarkupError, scan_markup
-from .tokenizer import IMAGE_PLACEHOLDERS, QwenVLTokenizer
+import torch
 
-DEFAULT_SYSTEM = "You are a helpful assistant."
-IGNORE_INDEX = -100
-IMAGE_TOKENS = IMAGE_PLACEHOLDERS + 2  # <img> + 256 positions + </img>
-
-
-@dataclass
-class EncodedConversation:
-    input_ids: list[int] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-    image_paths: list[str] = field(default_factory=list)
-    image_starts: list[int] = field(default_factory=list)  # index of each <img> token
-    first_target: int | None = None  # index of the first assistant-content token
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
+from .image import load_image, preprocess_images
+from .template import DEFAULT_SYSTEM, IGNORE_INDEX, ChatTemplate, EncodedConversation, encode_prompt
+from .tokenizer import QwenVLTokenizer
 
 
-class ChatTemplate:
-    """Encodes conversations for one tokenizer; caches the fixed pieces of the template."""
+class QwenVLProcessor:
+    """Conversations → model tensors: ids, labels, attention mask and the pictures' pixel values."""
 
-    def __init__(self, tokenizer: QwenVLTokenizer, system: str = DEFAULT_SYSTEM):
+    def __init__(
+        self,
+        tokenizer: QwenVLTokenizer,
+        image_size: int,
+        image_root: str | Path | None = None,
+        system: str = DEFAULT_SYSTEM,
+    ):
         self.tokenizer = tokenizer
-        self.system = system
-        self._nl = tokenizer.encode_plain("\n")
-        self._heads = {
-            role: [tokenizer.im_start_id, *tokenizer.encode_plain(role), *self._nl]
-            for role in ("system", "user", "assistant")
+        self.template = ChatTemplate(tokenizer, system)
+        self.image_size = image_size
+        self.image_root = Path(image_root) if image_root is not None else None
+        self.pad_id = tokenizer.eod_id
+
+    def pixel_values(self, paths: Sequence[str]) -> torch.Tensor | None:
+        if not paths:
+            return None
+        images = [load_image(path, self.image_root) for path in paths]
+        return preprocess_images(images, self.image_size)
+
+    def encode(self, turns: Sequence[tuple[str, str]], with_images: bool = True) -> dict[str, torch.Tensor | None]:
+        """One training sample (user/assistant turns) as tensors of shape (1, S)."""
+        encoded = self.template.encode(turns)
+        return self.tensors(encoded, with_images)
+
+    def encode_prompt(self, turns: Sequence[tuple[str, str]], with_images: bool = True) -> dict:
+        """A generation prompt ending with `<|im_start|>assistant\\n`."""
+        return self.tensors(encode_prompt(self.template, turns), with_images)
+
+    def tensors(self, encoded: EncodedConversation, with_images: bool = True) -> dict:
+        ids = torch.tensor([encoded.input_ids], dtype=torch.long)
+        return {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "labels": torch.tensor([encoded.labels], dtype=torch.long),
+            "pixel_values": self.pixel_values(encoded.image_paths) if with_images else None,
+            "image_paths": encoded.image_paths,
         }
-        self._tail = [tokenizer.im_end_id, *self._nl]
-        self._system_ids = self._heads["system"] + tokenizer.encode(system) + self._tail
-        self._system_labels = self._masked(self._system_ids)
 
-    def _masked(self, ids: list[int]) -> list[int]:
-        """Labels of a turn that is not learned: only <|im_start|>, <|im_end|> and its newline."""
-        tail = len(self._tail)
-        return [ids[0], *([IGNORE_INDEX] * (len(ids) - 1 - tail)), *ids[-tail:]]
-
-    def encode_content(self, text: str, out: EncodedConversation) -> list[int]:
-        """Token ids of one message, expanding pictures; records their paths and positions in `out`
-        relative to the current end of `out.input_ids`."""
-        scan = scan_markup(text)
-        if scan.problems:
-            raise MarkupError(scan.problems)
-        tok = self.tokenizer
-        ids: list[int] = []
-        pending: list[str] = []
-        base = len(out.input_ids)
-        for span in scan.spans:
-            if span.kind != "img":
-                pending.append(text[span.start : span.end])
-                continue
-            pending.append(span.label)
-            if pending:
-                ids.extend(tok.encode("".join(pending)))
-                pending.clear()
-            out.image_starts.append(base + len(ids))
-            out.image_paths.append(span.content)
-            ids.append(tok.img_start_id)
-            ids.extend([tok.img_pad_id] * IMAGE_PLACEHOLDERS)
-            ids.append(tok.img_end_id)
-        if pending:
-            ids.extend(tok.encode("".join(pending)))
-        return ids
-
-    def encode(self, turns: Sequence[tuple[str, str]]) -> EncodedConversation:
-        """Encode `(role, value)` turns (roles `user`/`assistant`) with the system prompt first."""
-        out = EncodedConversation(list(self._system_ids), list(self._system_labels))
-        for role, value in turns:
-            head = self._heads[role]
-            out.input_ids.extend(head)
-            content = self.encode_content(value, out)
-            out.input_ids.extend(content)
-            out.input_ids.extend(self._tail)
-            if role == "assistant":
-                if out.first_target is None and content:
-                    out.first_target = len(out.labels) + len(head)
-                out.labels.append(head[0])
-                out.labels.extend([IGNORE_INDEX] * (len(head) - 1))
-                out.labels.extend(content)
-                out.labels.extend(self._tail)
-            else:
-                out.labels.extend(self._masked([*head, *content, *self._tail]))
-        return out
+    def collate(self, items: Sequence[dict], pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor | None]:
+        """Right-pad a list of `encode` results to the longest (rounded up to a multiple of 8)."""
+        longest = max(item["input_ids"].shape[1] for item in items)
+        width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+        batch = len(items)
+        input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
+        labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((batch, width), dtype=torch.long)
+        pictures = []
+        for row, item in enumerate(items):
+            length = item["input_ids"].shape[1]
+            input_ids[row, :length] = item["input_ids"][0]
+            labels[row, :length] = item["labels"][0]
+            attention_mask[row, :length] = 1
+            if item.get("pixel_values") is not None:
+                pictures.append(item["pixel_values"])
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "pixel_values": torch.cat(pictures) if pictures else None,
+        }

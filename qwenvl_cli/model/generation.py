@@ -1,0 +1,163 @@
+"""Text generation for Qwen-VL: a streaming token loop with a KV cache, and `chat` as upstream builds it.
+
+The loop is small and ours (rather than transformers' `generate`) so that streaming, stop tokens,
+images on the first step and the no-cache baseline of the benchmark all go through one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .processor import QwenVLProcessor
+from .template import encode_prompt
+from .tokenizer import IM_END, IM_START
+
+
+@dataclass
+class GenerationSettings:
+    """Greedy when `temperature` is 0; otherwise sampling with top-k (0: off) and top-p (1: off)."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    use_cache: bool = True
+
+
+def _next_token(
+    logits: torch.Tensor, seen: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None
+) -> int:
+    logits = logits.float()
+    if settings.repetition_penalty != 1.0 and seen.numel():
+        previous = logits[seen]
+        logits[seen] = torch.where(
+            previous > 0, previous / settings.repetition_penalty, previous * settings.repetition_penalty
+        )
+    if settings.temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / settings.temperature
+    if settings.top_k > 0:
+        kth = torch.topk(logits, min(settings.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if settings.top_p < 1.0:
+        ordered, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
+        drop = cumulative - torch.softmax(ordered, dim=-1) >= settings.top_p  # keep the first token always
+        logits[order[drop]] = float("-inf")
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.inference_mode()
+def stream_tokens(
+    model,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor | None = None,
+    settings: GenerationSettings | None = None,
+    stop_ids: Sequence[int] = (),
+) -> Iterator[int]:
+    """Yield new token ids one by one (a stop token is not yielded). `input_ids` is (1, S)."""
+    settings = settings or GenerationSettings()
+    device = next(model.parameters()).device
+    ids = input_ids.to(device)
+    if pixel_values is not None:
+        pixel_values = pixel_values.to(device)
+    generator = None
+    if settings.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(settings.seed)
+    stops = set(stop_ids)
+    cache = DynamicCache() if settings.use_cache else None
+    logits = model(input_ids=ids, pixel_values=pixel_values, cache=cache, use_cache=settings.use_cache).logits
+    for _ in range(settings.max_new_tokens):
+        token = _next_token(logits[0, -1], ids[0], settings, generator)
+        if token in stops:
+            return
+        yield token
+        step = torch.tensor([[token]], device=device)
+        ids = torch.cat((ids, step), dim=1)
+        if settings.use_cache:
+            logits = model(input_ids=step, cache=cache, use_cache=True).logits
+        else:
+            logits = model(input_ids=ids, pixel_values=pixel_values, use_cache=False).logits
+
+
+def generate(model, input_ids, pixel_values=None, settings=None, stop_ids=()) -> list[int]:
+    return list(stream_tokens(model, input_ids, pixel_values, settings, stop_ids))
+
+
+class TextStream:
+    """Turns a stream of token ids into text pieces, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.text = text[len(self.text) :], text
+        return piece
+
+
+@dataclass
+class ChatSession:
+    """A conversation with a model: `history` holds (query, response) pairs, the queries with their
+    `Picture N: <img>…</img>\\n` markup, numbered across the whole conversation."""
+
+    model: object
+    processor: QwenVLProcessor
+    chat_format: str = "chatml"
+    max_window_size: int = 6144
+    history: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def pictures(self) -> int:
+        return sum(query.count("<img>") for query, _ in self.history)
+
+    def make_query(self, text: str, images: Sequence[str] = ()) -> str:
+        first = self.pictures + 1
+        prefix = "".join(f"Picture {first + i}: <img>{path}</img>\n" for i, path in enumerate(images))
+        return prefix + text
+
+    def prompt(self, query: str) -> dict:
+        if self.chat_format == "raw":
+            return self.processor.tensors(self.processor.template.encode_raw(query))
+        history = list(self.history)
+        while True:
+            turns = [t for q, r in history for t in (("user", q), ("assistant", r))] + [("user", query)]
+            encoded = encode_prompt(self.processor.template, turns)
+            if len(encoded) <= self.max_window_size or not history:
+                break
+            history.pop(0)  # drop the oldest exchange, as upstream does past max_window_size
+        return self.processor.tensors(encoded)
+
+    def stop_ids(self) -> list[int]:
+        tok = self.processor.tokenizer
+        return [tok.special_ids[IM_END], tok.special_ids[IM_START], tok.eod_id]
+
+    def stream(
+        self, text: str, images: Sequence[str] = (), settings: GenerationSettings | None = None
+    ) -> Iterator[str]:
+        """Yield the answer as it is generated; the exchange joins the history once it completes."""
+        query = self.make_query(text, images)
+        inputs = self.prompt(query)
+        decoder = TextStream(self.processor.tokenizer)
+        for token in stream_tokens(self.model, inputs["input_ids"], inputs["pixel_values"], settings, self.stop_ids()):
+            piece = decoder.push(token)
+            if piece:
+                yield piece
+        self.history.append((query, decoder.text.strip()))
+
+    def ask(self, text: str, images: Sequence[str] = (), settings: GenerationSettings | None = None) -> str:
+        for _ in self.stream(text, images, settings):
+            pass
+        return self.history[-1][1]

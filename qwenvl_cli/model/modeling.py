@@ -1,0 +1,356 @@
+"""Native Qwen-VL language model (`QwenVLForCausalLM`), with the official state-dict names.
+
+```
+transformer.wte            token embeddings (not tied to lm_head)
+transformer.h.N            pre-norm blocks: ln_1 → attn (c_attn with bias, c_proj) → ln_2 → mlp (w1, w2, c_proj)
+transformer.ln_f           final RMSNorm
+transformer.visual         ViT + resampler (vision.py): 256 vectors per picture
+lm_head
+```
+Behaviour reproduced from the official model (see DESIGN.md): RMSNorm in fp32; rotary over the whole
+head with `cat(freqs, freqs)`, in fp32, at positions `cache_length + 0..S-1` whatever the padding;
+dynamic NTK on eval-mode prefill; logn query scaling past `seq_length` in eval mode; each picture's 256
+`<img>…</img>` positions take the picture's vectors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .config import QwenVLConfig
+from .vision import VisionTransformer
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def ntk_alpha(seq_len: int, trained_len: int) -> float:
+    """Dynamic-NTK factor for a prompt of `seq_len` tokens: max(2**ceil(log2(S/L) + 1) - 1, 1)."""
+    return max(2 ** math.ceil(math.log(seq_len / trained_len, 2) + 1) - 1, 1)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables (fp32) for rotate-half rotary embeddings over the first `dim` channels of a head."""
+
+    def __init__(self, dim: int, base: float):
+        super().__init__()
+        self.dim = dim
+        self.base = base
+        self.ntk_alpha_cached = 1.0  # the alpha of the last eval-mode prefill; decode steps keep it
+
+    def forward(self, positions: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+        base = self.base * alpha ** (self.dim / (self.dim - 2))
+        exponents = torch.arange(0, self.dim, 2, device=positions.device).float() / self.dim
+        inv_freq = 1.0 / (base**exponents)
+        freqs = torch.outer(positions.float(), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (batch, seq, heads, head_dim); cos/sin: (seq, rot_dim). Computed in fp32, returned in x's dtype."""
+    rot_dim = cos.shape[-1]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    x32 = x.float()
+    rotated, rest = x32[..., :rot_dim], x32[..., rot_dim:]
+    rotated = rotated * cos + rotate_half(rotated) * sin
+    return torch.cat((rotated, rest), dim=-1).type_as(x)
+
+
+def logn_scale(positions: torch.Tensor, trained_len: int) -> torch.Tensor | None:
+    """log(p+1)/log(L) for 0-based positions p with p+1 > L (1 elsewhere); None when nothing is scaled."""
+    if int(positions[-1]) + 1 <= trained_len:
+        return None
+    steps = positions.double() + 1
+    scale = torch.where(steps > trained_len, torch.log(steps) / math.log(trained_len), torch.ones_like(steps))
+    return scale.float()
+
+
+class QwenAttention(nn.Module):
+    def __init__(self, config: QwenVLConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.hidden_size = config.hidden_size
+        projection = config.kv_channels * config.num_attention_heads
+        self.c_attn = nn.Linear(config.hidden_size, 3 * projection, bias=True)
+        self.c_proj = nn.Linear(projection, config.hidden_size, bias=not config.no_bias)
+        self.scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
+        self.dropout = config.attn_dropout_prob
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        logn: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        cache: DynamicCache | None,
+    ) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q, k, v = self.c_attn(x).split(self.hidden_size, dim=-1)
+        shape = (batch, seq, self.num_heads, self.head_dim)
+        q, k, v = q.view(shape), k.view(shape), v.view(shape)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if logn is not None:
+            q = q * logn[None, :, None, None].type_as(q)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        causal = mask is None and seq > 1 and k.shape[2] == seq
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal,
+            scale=self.scale,
+        )
+        return self.c_proj(out.transpose(1, 2).reshape(batch, seq, self.hidden_size))
+
+
+class QwenMLP(nn.Module):
+    def __init__(self, config: QwenVLConfig):
+        super().__init__()
+        width = config.intermediate_size // 2
+        self.w1 = nn.Linear(config.hidden_size, width, bias=not config.no_bias)
+        self.w2 = nn.Linear(config.hidden_size, width, bias=not config.no_bias)
+        self.c_proj = nn.Linear(width, config.hidden_size, bias=not config.no_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.w1(x) * F.silu(self.w2(x)))
+
+
+class QwenBlock(nn.Module):
+    def __init__(self, config: QwenVLConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.attn = QwenAttention(config, layer_idx)
+        self.ln_2 = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.mlp = QwenMLP(config)
+
+    def forward(self, x, cos, sin, logn, mask, cache):
+        x = x + self.attn(self.ln_1(x), cos, sin, logn, mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class QwenModel(nn.Module):
+    """The `transformer` module: embeddings, blocks, final norm and the vision tower."""
+
+    def __init__(self, config: QwenVLConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.drop = nn.Dropout(config.emb_dropout_prob)
+        rot_dim = int(config.kv_channels * config.rotary_pct)
+        self.rotary_emb = RotaryEmbedding(rot_dim, config.rotary_emb_base)
+        self.h = nn.ModuleList(QwenBlock(config, i) for i in range(config.num_hidden_layers))
+        self.ln_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.visual = VisionTransformer(**config.visual)
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        cache: DynamicCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        hidden = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, seq = hidden.shape[:2]
+        past = cache.get_seq_length() if cache is not None else 0
+        positions = torch.arange(past, past + seq, device=hidden.device)
+
+        config = self.config
+        if config.use_dynamic_ntk and past == 0 and not self.training:
+            self.rotary_emb.ntk_alpha_cached = ntk_alpha(seq, config.seq_length)
+        cos, sin = self.rotary_emb(positions, self.rotary_emb.ntk_alpha_cached)
+        logn = logn_scale(positions, config.seq_length) if config.use_logn_attn and not self.training else None
+        mask = attention_mask_4d(attention_mask, batch, seq, past, hidden.device)
+
+        hidden = self.drop(hidden)
+        hidden = self._insert_images(hidden, input_ids, pixel_values)
+
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.h:
+            if checkpointing and cache is None:
+                hidden = self._gradient_checkpointing_func(block.__call__, hidden, cos, sin, logn, mask, None)
+            else:
+                hidden = block(hidden, cos, sin, logn, mask, cache)
+        return self.ln_f(hidden)
+
+    def _insert_images(self, hidden, input_ids, pixel_values):
+        start_id = self.config.image_start_id
+        starts = (input_ids == start_id).nonzero() if input_ids is not None else None
+        if starts is None or len(starts) == 0:
+            if self.training and torch.is_grad_enabled():
+                # Touch the vision tower so that its parameters get zero gradients rather than none.
+                size = self.visual.image_size
+                fake = torch.zeros(1, 3, size, size, device=hidden.device, dtype=self.visual.dtype)
+                hidden = hidden + self.visual(fake).mean().to(hidden.dtype) * 0
+            return hidden
+        if pixel_values is None:
+            raise ValueError(f"input_ids hold {len(starts)} <img> tokens but no pixel_values were given")
+        if pixel_values.shape[0] != len(starts):
+            raise ValueError(
+                f"input_ids hold {len(starts)} <img> tokens but pixel_values has {pixel_values.shape[0]} images"
+            )
+        span = self.visual.vision_tokens
+        rows, cols = starts[:, 0], starts[:, 1]
+        ends = cols + span + 1
+        if (ends >= input_ids.shape[1]).any() or (
+            input_ids[rows, ends.clamp(max=input_ids.shape[1] - 1)] != start_id + 1
+        ).any():
+            raise ValueError(f"every <img> must be followed by {span} positions and </img>")
+        features = self.visual(pixel_values).to(hidden.dtype)  # (n, span, hidden)
+        offsets = torch.arange(1, span + 1, device=hidden.device)
+        index_rows = rows[:, None].expand(-1, span).reshape(-1)
+        index_cols = (cols[:, None] + offsets).reshape(-1)
+        hidden = hidden.clone()
+        hidden[index_rows, index_cols] = features.reshape(-1, features.shape[-1])
+        return hidden
+
+
+def attention_mask_4d(
+    attention_mask: torch.Tensor | None, batch: int, seq: int, past: int, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean (batch, 1, seq, past+seq) mask: causal, and padded keys hidden. None when plain causal
+    attention does (no padding and no cache, or a single new token without padding)."""
+    total = past + seq
+    if attention_mask is not None:
+        if attention_mask.shape[1] == seq and past:
+            attention_mask = F.pad(attention_mask, (past, 0), value=1)
+        if bool(attention_mask[:, :total].all()):
+            attention_mask = None
+    if attention_mask is None and (past == 0 or seq == 1):
+        return None
+    query_pos = torch.arange(past, total, device=device)[:, None]
+    causal = torch.arange(total, device=device)[None, :] <= query_pos
+    mask = causal[None, None].expand(batch, 1, seq, total)
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, None, :total].bool()
+        # A query with no visible key (left padding) attends to itself: its output is never used,
+        # and an all-masked row would turn into NaN.
+        empty = ~mask.any(dim=-1, keepdim=True)
+        if bool(empty.any()):
+            own = torch.zeros_like(mask)
+            own[..., torch.arange(seq), past + torch.arange(seq)] = True
+            mask = mask | (empty & own)
+    return mask
+
+
+class QwenVLPreTrainedModel(PreTrainedModel):
+    config_class = QwenVLConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["QwenBlock", "VisionTransformer"]  # noqa: RUF012 - the name transformers reads
+    _supports_sdpa = True
+    main_input_name = "input_ids"
+
+    def _init_weights(self, module: nn.Module) -> None:
+        first = next(module.parameters(), None)
+        if first is None or first.is_meta:
+            return  # weights about to be loaded: drawing random values would only cost time
+        std = self.config.initializer_range
+        if isinstance(module, VisionTransformer):
+            module.init_weights(std)
+        elif isinstance(module, QwenModel):
+            nn.init.normal_(module.wte.weight, std=std)
+        elif isinstance(module, QwenBlock):
+            for linear in (module.attn.c_attn, module.mlp.w1, module.mlp.w2):
+                nn.init.normal_(linear.weight, std=std)
+            for linear in (module.attn.c_proj, module.mlp.c_proj):
+                # Output projections are scaled down with depth, as in GPT-2.
+                nn.init.normal_(linear.weight, std=std / math.sqrt(2 * self.config.num_hidden_layers))
+            for linear in (module.attn.c_attn, module.attn.c_proj, module.mlp.w1, module.mlp.w2, module.mlp.c_proj):
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)
+            nn.init.ones_(module.ln_1.weight)
+            nn.init.ones_(module.ln_2.weight)
+        elif isinstance(module, QwenVLForCausalLM):
+            nn.init.normal_(module.lm_head.weight, std=std)
+            nn.init.ones_(module.transformer.ln_f.weight)
+
+
+class QwenVLForCausalLM(QwenVLPreTrainedModel, GenerationMixin):
+    def __init__(self, config: QwenVLConfig):
+        super().__init__(config)
+        self.transformer = QwenModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.transformer.wte = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        past_key_values: DynamicCache | None = None,
+        use_cache: bool | None = None,
+        cache: DynamicCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        return_dict: bool | None = None,
+        **unused,
+    ) -> CausalLMOutputWithPast:
+        """`pixel_values` (n_images, 3, S, S) holds the batch's pictures in the order their `<img>` tokens
+        appear, reading the batch row by row. With `labels`, the loss is the shifted cross-entropy averaged
+        over labels != -100."""
+        cache = cache if cache is not None else past_key_values
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None and not self.training:
+            cache = DynamicCache()
+        if not use_cache:
+            cache = None
+        hidden = self.transformer(input_ids, attention_mask, pixel_values, cache, inputs_embeds)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each position's prediction of the next token, averaged over labels != -100."""
+    shifted_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shifted_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX)
