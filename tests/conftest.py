@@ -45,3 +45,11 @@ def write_jsonl(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def official_vocab() -> Path:
+    """The official 151,643-rank qwen.tiktoken from shared/ (skips where it is not available)."""
+    if not SHARED_VOCAB.is_file():
+        pytest.skip(f"{SHARED_VOCAB} is absent")
+    return SHARED_VOCAB

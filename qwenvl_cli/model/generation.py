@@ -14,7 +14,7 @@ from transformers import DynamicCache
 
 from .processor import QwenVLProcessor
 from .template import encode_prompt
-from .tokenizer import IM_END, IM_START
+from .tokenizer import BOX_END, BOX_START, IM_END, IM_START, QUAD_END, QUAD_START, REF_END, REF_START
 
 
 @dataclass
@@ -92,14 +92,19 @@ def generate(model, input_ids, pixel_values=None, settings=None, stop_ids=()) ->
 
 
 class TextStream:
-    """Turns a stream of token ids into text pieces, holding back incomplete UTF-8 sequences."""
+    """Turns a stream of token ids into text pieces, holding back incomplete UTF-8 sequences and
+    dropping control and picture tokens a model may emit; grounding tokens (`<ref>`, `<box>` …) stay."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        kept = (REF_START, REF_END, BOX_START, BOX_END, QUAD_START, QUAD_END)
+        self.control = set(tokenizer.special_ids.values()) - {tokenizer.special_ids[t] for t in kept}
         self.ids: list[int] = []
         self.text = ""
 
     def push(self, token: int) -> str:
+        if token in self.control:
+            return ""
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):

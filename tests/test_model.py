@@ -1,0 +1,311 @@
+"""The native Qwen-VL model against the behaviour DESIGN.md lists, on the tiny preset (CPU, fp32).
+
+Each fact is checked against a reference written out here from the formula, not against the code
+under test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qwenvl_cli.model.config import QwenVLConfig
+from qwenvl_cli.model.modeling import (
+    QwenVLForCausalLM,
+    RMSNorm,
+    apply_rotary,
+    causal_lm_loss,
+    logn_scale,
+    ntk_alpha,
+)
+from qwenvl_cli.model.presets import build_model, preset_config, tiny_ranks
+from qwenvl_cli.model.template import IGNORE_INDEX, ChatTemplate
+from qwenvl_cli.model.tokenizer import QwenVLTokenizer
+
+IMAGE_SIZE = 56
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> QwenVLTokenizer:
+    return QwenVLTokenizer(tiny_ranks(), "tiny")
+
+
+@pytest.fixture(scope="module")
+def config(tokenizer) -> QwenVLConfig:
+    return preset_config("tiny", tokenizer.num_ranks)
+
+
+@pytest.fixture(scope="module")
+def model(config) -> QwenVLForCausalLM:
+    return build_model(config, seed=0).eval()
+
+
+def small_model(config: QwenVLConfig, **changes) -> QwenVLForCausalLM:
+    """The tiny model with some config fields changed, same seed (so same weights)."""
+    data = config.to_official_dict()
+    data.pop("model_type")
+    data.update(changes)
+    return build_model(QwenVLConfig(**data), seed=0).eval()
+
+
+def picture_sample(tokenizer, text: str = "What colour?", answer: str = "Red.", pictures: int = 1):
+    labels = "".join(f"Picture {i + 1}: <img>p{i}.png</img>\n" for i in range(pictures))
+    encoded = ChatTemplate(tokenizer).encode([("user", labels + text), ("assistant", answer)])
+    ids = torch.tensor([encoded.input_ids])
+    generator = torch.Generator().manual_seed(pictures)
+    pixels = torch.randn(pictures, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    return ids, torch.tensor([encoded.labels]), pixels, encoded
+
+
+# --- norms, rotary, NTK, logn ----------------------------------------------------------------------
+
+
+def test_rmsnorm_is_computed_in_fp32_then_cast_then_scaled():
+    norm = RMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 64))
+    norm = norm.to(torch.bfloat16)
+    x = (torch.randn(3, 64, generator=torch.Generator().manual_seed(0)) * 40).to(torch.bfloat16)
+    x32 = x.float()
+    expected = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16) * norm.weight
+    assert torch.equal(norm(x), expected)
+    all_bf16 = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight
+    assert not torch.equal(norm(x), all_bf16)  # the fp32 path is observable
+
+
+def test_rotary_rotates_half_pairs_at_each_position():
+    head_dim, base = 8, 10000.0
+    x = torch.randn(1, 5, 2, head_dim, generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(3, 8)  # a cache offset of 3
+    inv = [base ** (-2 * i / head_dim) for i in range(head_dim // 2)]
+    angles = torch.tensor([[p * f for f in inv] for p in positions.tolist()])
+    emb = torch.cat((angles, angles), -1)
+    out = apply_rotary(x, emb.cos(), emb.sin())
+    half = head_dim // 2
+    for s, p in enumerate(positions.tolist()):
+        for i in range(half):
+            c, sn = math.cos(p * inv[i]), math.sin(p * inv[i])
+            a, b = x[0, s, :, i], x[0, s, :, i + half]
+            torch.testing.assert_close(out[0, s, :, i], a * c - b * sn, atol=1e-5, rtol=0)
+            torch.testing.assert_close(out[0, s, :, i + half], b * c + a * sn, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("seq_len", "trained", "alpha"),
+    [(100, 2048, 1), (2048, 2048, 1), (2049, 2048, 3), (4096, 2048, 3), (4097, 2048, 7), (20, 8, 7), (8, 8, 1)],
+)
+def test_ntk_alpha(seq_len, trained, alpha):
+    assert ntk_alpha(seq_len, trained) == alpha
+    assert ntk_alpha(seq_len, trained) == max(2 ** math.ceil(math.log2(seq_len / trained) + 1) - 1, 1)
+
+
+def test_logn_scale_only_past_the_trained_length():
+    positions = torch.arange(0, 20)
+    scale = logn_scale(positions, 8)
+    expected = [math.log(p + 1) / math.log(8) if p + 1 > 8 else 1.0 for p in range(20)]
+    torch.testing.assert_close(scale, torch.tensor(expected), atol=1e-7, rtol=0)
+    assert logn_scale(torch.arange(0, 8), 8) is None
+
+
+def test_ntk_and_logn_apply_in_eval_prefill_only(config, tokenizer):
+    ids = torch.tensor([tokenizer.encode("The quick brown fox jumps over the lazy dog " * 3)])
+    assert ids.shape[1] > 16
+    plain = small_model(config, seq_length=8, use_dynamic_ntk=False, use_logn_attn=False)
+    ntk = small_model(config, seq_length=8, use_dynamic_ntk=True, use_logn_attn=False)
+    logn = small_model(config, seq_length=8, use_dynamic_ntk=False, use_logn_attn=True)
+    with torch.no_grad():
+        base = plain(input_ids=ids, use_cache=False).logits
+        with_ntk = ntk(input_ids=ids, use_cache=False).logits
+        with_logn = logn(input_ids=ids, use_cache=False).logits
+    assert ntk.transformer.rotary_emb.ntk_alpha_cached == ntk_alpha(ids.shape[1], 8)
+    assert not torch.allclose(base, with_ntk)
+    # logn changes nothing up to the trained length, everything after it.
+    torch.testing.assert_close(with_logn[:, :8], base[:, :8])
+    assert (with_logn[:, 8:] - base[:, 8:]).abs().amax(-1).min() > 0
+    # In training mode neither applies (alpha stays at its cached value: here 1).
+    fresh = small_model(config, seq_length=8, use_dynamic_ntk=True, use_logn_attn=True).train()
+    with torch.no_grad():
+        trained = fresh(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(trained, base)
+
+
+def test_decode_keeps_the_prefill_alpha(config, tokenizer):
+    """KV-cache decoding past the trained length equals recomputing with the prefill's alpha."""
+    model = small_model(config, seq_length=8)
+    ids = torch.tensor([tokenizer.encode("one two three four five six seven eight nine ten eleven twelve")])[:, :30]
+    assert ids.shape[1] == 30  # prompt (27) and whole (30) both in (16, 32]: the same alpha, 7
+    prompt, rest = ids[:, :-3], ids[:, -3:]
+    with torch.no_grad():
+        out = model(input_ids=prompt, use_cache=True)
+        alpha = model.transformer.rotary_emb.ntk_alpha_cached
+        steps = [model(input_ids=rest[:, i : i + 1], cache=out.cache).logits for i in range(3)]
+        assert model.transformer.rotary_emb.ntk_alpha_cached == alpha
+        # The full sequence prefilled at once gets its own alpha; with the same alpha it matches.
+        assert ntk_alpha(ids.shape[1], 8) == alpha
+        full = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, -3:], atol=1e-5, rtol=0)
+
+
+# --- images ----------------------------------------------------------------------------------------
+
+
+def test_picture_positions_take_the_image_vectors(model, tokenizer):
+    ids, _, pixels, encoded = picture_sample(tokenizer, pictures=2)
+    seen = {}
+    hook = model.transformer.h[0].register_forward_pre_hook(lambda _m, args: seen.update(x=args[0]))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, pixel_values=pixels, use_cache=False)
+            vectors = model.transformer.visual(pixels)
+            embeddings = model.transformer.wte(ids)
+    finally:
+        hook.remove()
+    hidden = seen["x"][0]
+    for picture, start in enumerate(encoded.image_starts):
+        assert ids[0, start] == tokenizer.img_start_id and ids[0, start + 257] == tokenizer.img_end_id
+        torch.testing.assert_close(hidden[start + 1 : start + 257], vectors[picture])
+        torch.testing.assert_close(hidden[start], embeddings[0, start])  # <img> keeps its embedding
+        torch.testing.assert_close(hidden[start + 257], embeddings[0, start + 257])  # and </img>
+    text = torch.ones(ids.shape[1], dtype=torch.bool)
+    for start in encoded.image_starts:
+        text[start + 1 : start + 257] = False
+    torch.testing.assert_close(hidden[text], embeddings[0][text])
+
+
+def test_image_count_mismatch_is_a_clear_error(model, tokenizer):
+    ids, _, pixels, _ = picture_sample(tokenizer, pictures=2)
+    with pytest.raises(ValueError, match="2 <img> tokens but pixel_values has 1"):
+        model(input_ids=ids, pixel_values=pixels[:1], use_cache=False)
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model(input_ids=ids, use_cache=False)
+    with pytest.raises(ValueError, match="followed by 256 positions"):
+        model(input_ids=ids[:, :100], pixel_values=pixels[:1], use_cache=False)
+
+
+def test_text_only_training_batch_gives_the_vision_tower_zero_gradients(config, tokenizer):
+    model = small_model(config).train()
+    encoded = ChatTemplate(tokenizer).encode([("user", "Hi"), ("assistant", "Hello there")])
+    out = model(input_ids=torch.tensor([encoded.input_ids]), labels=torch.tensor([encoded.labels]))
+    out.loss.backward()
+    visual = [p for p in model.transformer.visual.parameters() if p.requires_grad]
+    assert visual and all(p.grad is not None for p in visual)
+    assert all(torch.count_nonzero(p.grad) == 0 for p in visual)
+    assert model.transformer.wte.weight.grad.abs().sum() > 0
+
+
+# --- loss, cache, padding --------------------------------------------------------------------------
+
+
+def test_loss_is_the_shifted_mean_over_supervised_labels(model, tokenizer):
+    ids, labels, pixels, _ = picture_sample(tokenizer)
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=pixels, labels=labels, use_cache=False)
+    logits, targets = out.logits[0, :-1], labels[0, 1:]
+    keep = targets != IGNORE_INDEX
+    manual = -torch.log_softmax(logits[keep], -1).gather(1, targets[keep, None]).mean()
+    torch.testing.assert_close(out.loss, manual)
+    assert causal_lm_loss(out.logits, labels).item() == pytest.approx(out.loss.item())
+
+
+def test_kv_cache_decoding_equals_full_recompute(model, tokenizer):
+    ids, _, pixels, _ = picture_sample(tokenizer)
+    cut = ids.shape[1] - 6
+    with torch.no_grad():
+        full = model(input_ids=ids, pixel_values=pixels, use_cache=False).logits
+        first = model(input_ids=ids[:, :cut], pixel_values=pixels, use_cache=True)
+        cache = first.cache
+        chunk = model(input_ids=ids[:, cut : cut + 2], cache=cache).logits  # a 2-token chunk
+        singles = [model(input_ids=ids[:, i : i + 1], cache=cache).logits for i in range(cut + 2, ids.shape[1])]
+    incremental = torch.cat([first.logits, chunk, *singles], 1)
+    torch.testing.assert_close(incremental, full, atol=1e-5, rtol=0)
+
+
+def test_right_padded_batch_equals_unbatched_runs(model, tokenizer):
+    short = ChatTemplate(tokenizer).encode([("user", "Hi"), ("assistant", "Hello")]).input_ids
+    ids, _, pixels, _ = picture_sample(tokenizer)
+    long = ids[0].tolist()
+    width = len(long) + 5
+    batch = torch.full((2, width), tokenizer.eod_id)
+    mask = torch.zeros((2, width), dtype=torch.long)
+    batch[0, : len(short)], mask[0, : len(short)] = torch.tensor(short), 1
+    batch[1, : len(long)], mask[1, : len(long)] = torch.tensor(long), 1
+    with torch.no_grad():
+        together = model(input_ids=batch, attention_mask=mask, pixel_values=pixels, use_cache=False).logits
+        alone_short = model(input_ids=torch.tensor([short]), use_cache=False).logits
+        alone_long = model(input_ids=ids, pixel_values=pixels, use_cache=False).logits
+    torch.testing.assert_close(together[0, : len(short)], alone_short[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(together[1, : len(long)], alone_long[0], atol=1e-5, rtol=0)
+
+
+def test_left_padding_gives_no_nan(model, tokenizer):
+    ids = torch.tensor([[tokenizer.eod_id] * 4 + tokenizer.encode("Hello there")])
+    mask = torch.tensor([[0] * 4 + [1] * (ids.shape[1] - 4)])
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(config, tokenizer):
+    ids, labels, pixels, _ = picture_sample(tokenizer)
+    grads = []
+    for checkpointing in (False, True):
+        model = small_model(config).train()
+        calls = []
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            inner = model.transformer._gradient_checkpointing_func
+            model.transformer._gradient_checkpointing_func = lambda *a, _calls=calls, _inner=inner, **k: (
+                _calls.append(1) or _inner(*a, **k)
+            )
+        model(input_ids=ids, labels=labels, pixel_values=pixels).loss.backward()
+        assert len(calls) == (config.num_hidden_layers if checkpointing else 0)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_lora_on_the_official_target_names(config, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model = small_model(config).train()
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn", "attn.c_proj", "w1", "w2"])
+    )
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    wrapped = {n.split(".base_layer")[0].split("transformer.h.")[-1] for n in trainable}
+    assert {"0.attn.c_attn.lora_A.default.weight", "0.mlp.w2.lora_B.default.weight"} <= wrapped
+    assert not any("mlp.c_proj" in n for n in trainable)  # w1/w2 only, as upstream
+    ids, labels, pixels, _ = picture_sample(tokenizer)
+    peft_model(input_ids=ids, labels=labels, pixel_values=pixels).loss.backward()
+    assert all(p.grad is not None for n, p in peft_model.named_parameters() if p.requires_grad)
+
+
+def test_official_key_names(model):
+    keys = set(model.state_dict())
+    for key in [
+        "transformer.wte.weight",
+        "transformer.h.0.ln_1.weight",
+        "transformer.h.0.attn.c_attn.weight",
+        "transformer.h.0.attn.c_attn.bias",
+        "transformer.h.0.attn.c_proj.weight",
+        "transformer.h.1.mlp.w1.weight",
+        "transformer.h.1.mlp.w2.weight",
+        "transformer.h.1.mlp.c_proj.weight",
+        "transformer.ln_f.weight",
+        "transformer.visual.conv1.weight",
+        "transformer.visual.positional_embedding",
+        "transformer.visual.transformer.resblocks.1.attn.in_proj.weight",
+        "transformer.visual.attn_pool.kv_proj.weight",
+        "transformer.visual.attn_pool.attn.in_proj_weight",
+        "transformer.visual.attn_pool.pos_embed",
+        "transformer.visual.proj",
+        "lm_head.weight",
+    ]:
+        assert key in keys, key
+    assert "transformer.h.0.attn.c_proj.bias" not in keys
+    assert "transformer.h.0.mlp.w1.bias" not in keys
+    assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
