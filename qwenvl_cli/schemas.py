@@ -6,6 +6,7 @@ coordinate rule) live here exactly once.
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from typing import Annotated, Literal
 
@@ -95,6 +96,24 @@ class Box(BaseModel):
 
     def to_text(self) -> str:
         return f"({self.x1},{self.y1}),({self.x2},{self.y2})"
+
+    def to_pixels(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """Pixel corners in an image of `width`×`height` (as upstream draws them: int(v / 1000 * size))."""
+        return (
+            int(self.x1 / COORD_LIMIT * width),
+            int(self.y1 / COORD_LIMIT * height),
+            int(self.x2 / COORD_LIMIT * width),
+            int(self.y2 / COORD_LIMIT * height),
+        )
+
+    @classmethod
+    def from_pixels(cls, x1: float, y1: float, x2: float, y2: float, width: int, height: int) -> Box:
+        """Normalise pixel corners to [0,1000): floor(v * 1000 / size), clamped to 999."""
+
+        def norm(value: float, size: int) -> int:
+            return max(0, min(COORD_LIMIT - 1, math.floor(value * COORD_LIMIT / size)))
+
+        return cls(x1=norm(x1, width), y1=norm(y1, height), x2=norm(x2, width), y2=norm(y2, height))
 
 
 class Quad(BaseModel):

@@ -186,3 +186,26 @@ def test_qwen_vl_7b_preset_has_the_official_sizes_without_writing_weights(tmp_pa
         model = QwenVLForCausalLM(QwenVLConfig.from_folder(tmp_path / "7b"))
     parameters = sum(p.numel() for p in model.parameters())
     assert 9.5e9 < parameters < 9.8e9  # Qwen-VL: 7.7B LM + 1.9B ViT
+
+
+def test_recomputed_buffers_in_a_checkpoint_are_skipped(tiny_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    model, _ = load_checkpoint(tiny_dir)
+    folder = tmp_path / "with-buffers"
+    folder.mkdir()
+    for name in ("config.json", VOCAB_FILE):
+        (folder / name).write_bytes((tiny_dir / name).read_bytes())
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state["transformer.rotary_emb.inv_freq"] = torch.ones(16)
+    save_file(state, str(folder / "model.safetensors"))
+    loaded, _ = load_checkpoint(folder)
+    assert_same_weights(model, loaded)
+
+
+def test_transformers_from_pretrained_with_a_device_map_loads_the_same_weights(tiny_dir):
+    from qwenvl_cli.model.modeling import QwenVLForCausalLM
+
+    hf = QwenVLForCausalLM.from_pretrained(tiny_dir, device_map="cpu")
+    ours, _ = load_checkpoint(tiny_dir)
+    assert_same_weights(hf, ours)

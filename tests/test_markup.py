@@ -552,3 +552,15 @@ def test_snippet_shows_the_offset(text, data):
         assert start <= offset < start + len(body)
     assert out.startswith("…") == (start > 0)
     assert out.endswith("…") == (start + len(body) < len(text))
+
+
+def test_box_pixel_mapping_round_trips_and_matches_upstream_drawing():
+    box = Box.from_pixels(64, 48, 320, 240, width=640, height=480)
+    assert box == Box(x1=100, y1=100, x2=500, y2=500)
+    assert box.to_pixels(640, 480) == (64, 48, 320, 240)
+    # The far edge clamps to 999; pixel coordinates come back within the image.
+    edge = Box.from_pixels(0, 0, 640, 480, width=640, height=480)
+    assert (edge.x2, edge.y2) == (999, 999)
+    assert edge.to_pixels(640, 480) == (0, 0, 639, 479)
+    with pytest.raises(ValueError):
+        Box.from_pixels(10, 10, 10, 20, width=640, height=480)  # empty box

@@ -30,6 +30,8 @@ from .tokenizer import ENDOFTEXT, VOCAB_FILE, QwenVLTokenizer
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Buffers some exporters of the official code write next to the weights; they are recomputed here.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
 
 
 def read_generation_config(folder: str | Path) -> dict[str, Any]:
@@ -127,7 +129,8 @@ def load_checkpoint(
         part: dict[str, torch.Tensor] = {}
         for key, tensor in iter_tensors(path):
             if key not in expected:
-                unexpected.append(key)
+                if not key.endswith(IGNORED_SUFFIXES):
+                    unexpected.append(key)
                 continue
             part[key] = tensor.to(device=device, dtype=target) if tensor.is_floating_point() else tensor.to(device)
         seen.update(part)
