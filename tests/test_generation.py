@@ -153,3 +153,29 @@ def test_stream_tokens_is_lazy(session):
     iterator.close()
     assert len(first) == 3 and all(isinstance(t, int) for t in first)
     assert torch.is_tensor(inputs["input_ids"])
+
+
+def test_processor_encodes_a_sample_in_the_data_format_and_collates(session):
+    processor = session.processor
+    sample = {
+        "id": "x",
+        "conversations": [
+            {"from": "user", "value": "Picture 1: <img>a.png</img>\nColour?"},
+            {"from": "assistant", "value": "Red."},
+        ],
+    }
+    one = processor.encode_sample(sample)
+    two = processor.encode([("user", "Hi"), ("assistant", "Hello")])
+    assert one["pixel_values"].shape == (1, 3, 56, 56) and two["pixel_values"] is None
+    batch = processor.collate([one, two])
+    width = batch["input_ids"].shape[1]
+    assert width % 8 == 0 and width >= one["input_ids"].shape[1]
+    assert batch["attention_mask"].sum(1).tolist() == [one["input_ids"].shape[1], two["input_ids"].shape[1]]
+    assert (batch["labels"][1, two["input_ids"].shape[1] :] == -100).all()
+    assert (batch["input_ids"][1, two["input_ids"].shape[1] :] == processor.tokenizer.eod_id).all()
+    assert batch["pixel_values"].shape[0] == 1
+    with torch.no_grad():
+        out = session.model(**{k: v for k, v in batch.items()}, use_cache=False)
+    assert torch.isfinite(out.loss)
+    with pytest.raises(ValueError):
+        processor.encode_sample({"id": "y", "conversations": [{"from": "gpt", "value": "x"}]})

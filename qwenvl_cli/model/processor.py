@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..schemas import Sample
 from .image import load_image, preprocess_images
 from .template import DEFAULT_SYSTEM, IGNORE_INDEX, ChatTemplate, EncodedConversation, encode_prompt
 from .tokenizer import QwenVLTokenizer
@@ -42,6 +43,12 @@ class QwenVLProcessor:
         """One training sample (user/assistant turns) as tensors of shape (1, S)."""
         encoded = self.template.encode(turns)
         return self.tensors(encoded, with_images)
+
+    def encode_sample(self, sample: Sample | dict, with_images: bool = True) -> dict[str, torch.Tensor | None]:
+        """A sample in the data format (`{"id", "conversations": [{"from", "value"}, ...]}`)."""
+        if isinstance(sample, dict):
+            sample = Sample.model_validate(sample)
+        return self.encode([(turn.role, turn.value) for turn in sample.conversations], with_images)
 
     def encode_prompt(self, turns: Sequence[tuple[str, str]], with_images: bool = True) -> dict:
         """A generation prompt ending with `<|im_start|>assistant\\n`."""
