@@ -10,7 +10,7 @@ nox.options.reuse_existing_virtualenvs = True
 def tests(session: nox.Session) -> None:
     # The CPU build of torch first: a bare `torch` requirement may pull a multi-GB CUDA build.
     session.install("torch==2.13.0")
-    session.install("-e", ".[dev]")
+    session.install("-e", ".[dev,qlora]", "torch==2.13.0")
     session.run("python", "-m", "pytest", *session.posargs)
 
 
