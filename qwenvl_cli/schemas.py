@@ -261,3 +261,29 @@ class ValidationReport(BaseModel):
     clean_output: str | None = None
     elapsed_s: float
     exit_code: int = Field(description="0 clean, 1 errors found (or warnings with --strict), 2 unreadable")
+
+
+# --------------------------------------------------------------------------------------------------
+# Training runs
+
+
+class RunManifest(BaseModel):
+    """`qwenvl_run.json`: what a run folder holds and how it was made (read by resume, merge, chat)."""
+
+    qwenvl_version: str
+    method: Literal["full", "lora", "qlora"]
+    precision: Literal["bf16", "fp16", "fp32"]
+    base_model: str
+    base_fingerprint: str
+    chat_format: str
+    quantisation: Literal["gptq", "nf4"] | None = None
+    modules_to_save: list[str] = Field(default_factory=list)
+    data_file: str
+    data_sha256: str
+    samples: int
+    dropped_samples: int = 0
+    arguments: dict = Field(default_factory=dict)
+    packages: dict[str, str] = Field(default_factory=dict)
+    global_step: int = 0
+    final_loss: float | None = None
+    created: str

@@ -179,3 +179,33 @@ def test_processor_encodes_a_sample_in_the_data_format_and_collates(session):
     assert torch.isfinite(out.loss)
     with pytest.raises(ValueError):
         processor.encode_sample({"id": "y", "conversations": [{"from": "gpt", "value": "x"}]})
+
+
+def test_padding_rows_and_picture_tokens_are_never_generated_in_chat(loaded):
+    model, tokenizer = loaded
+    session = ChatSession(model, QwenVLProcessor(tokenizer, model.config.image_size))
+    favoured = [*range(len(tokenizer), model.config.vocab_size), tokenizer.img_start_id]
+
+    def favour(_module, _inputs, logits):
+        logits = logits.clone()
+        logits[..., favoured] += 100.0  # the embedding's padding rows and <img> win every step
+        return logits
+
+    hook = model.lm_head.register_forward_hook(favour)
+    try:
+        raw = generate(model, session.prompt("Hello")["input_ids"], None, GenerationSettings(max_new_tokens=3))
+        assert all(token in favoured for token in raw)  # without the chat's settings they would be chosen
+        assert tokenizer.decode(raw) == tokenizer.decode([t for t in raw if t < len(tokenizer)])
+        answer = session.ask("Hello", settings=GenerationSettings(max_new_tokens=8))
+        assert "<img>" not in answer and answer == session.history[-1][1]
+    finally:
+        hook.remove()
+
+
+def test_a_picture_token_in_a_decode_step_reads_no_picture(loaded):
+    model, tokenizer = loaded
+    ids = torch.tensor([tokenizer.encode("Hello there")])
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        step = model(input_ids=torch.tensor([[tokenizer.img_start_id]]), cache=out.cache)
+    assert torch.isfinite(step.logits).all()

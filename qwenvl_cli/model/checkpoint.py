@@ -96,7 +96,12 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             raise QwenvlError(f"{path} cannot be read ({exc})", "The file is damaged: download it again") from None
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
         except Exception as exc:
             raise QwenvlError(
                 f"{path} cannot be read safely ({type(exc).__name__}: {str(exc)[:200]})",
@@ -106,9 +111,10 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_checkpoint(
-    folder: str | Path, dtype: str | torch.dtype | None = "fp32", device: str | torch.device = "cpu"
+    folder: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> tuple[Any, QwenVLTokenizer]:
-    """Load a Qwen-VL checkpoint folder: returns (model in eval mode, tokenizer)."""
+    """Load a Qwen-VL checkpoint folder: returns (model in eval mode, tokenizer). `dtype` defaults to the
+    precision the checkpoint declares (bf16 for the official ones)."""
     from .modeling import QwenVLForCausalLM
 
     folder = Path(folder)
@@ -116,9 +122,11 @@ def load_checkpoint(
     if config.quantization_config:
         raise QwenvlError(
             f"{folder} is a quantised ({config.quantization_config.get('quant_method', '?')}) checkpoint",
-            "Load it through the Q-LoRA path (qwenvl train --method qlora); plain loading needs bf16/fp16/fp32 weights",
+            "Load it with qwenvl_cli.model.quant.load_gptq (or train it with --method qlora)",
         )
     tokenizer = QwenVLTokenizer.from_pretrained(folder)
+    if dtype is None:
+        dtype = config.precision
     target = DTYPES[dtype] if isinstance(dtype, str) else dtype
     with torch.device("meta"):
         model = QwenVLForCausalLM(config)

@@ -7,7 +7,7 @@ images on the first step and the no-cache baseline of the benchmark all go throu
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import DynamicCache
@@ -28,12 +28,18 @@ class GenerationSettings:
     repetition_penalty: float = 1.0
     seed: int | None = None
     use_cache: bool = True
+    suppress_ids: tuple[int, ...] = ()  # never generated (e.g. picture tokens in a chat answer)
+    vocab_limit: int | None = None  # ids from here on (a model's embedding padding) are never generated
 
 
 def _next_token(
     logits: torch.Tensor, seen: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None
 ) -> int:
     logits = logits.float()
+    if settings.vocab_limit is not None:
+        logits[settings.vocab_limit :] = float("-inf")
+    if settings.suppress_ids:
+        logits[list(settings.suppress_ids)] = float("-inf")
     if settings.repetition_penalty != 1.0 and seen.numel():
         previous = logits[seen]
         logits[seen] = torch.where(
@@ -155,7 +161,13 @@ class ChatSession:
         """Yield the answer as it is generated; the exchange joins the history once it completes."""
         query = self.make_query(text, images)
         inputs = self.prompt(query)
-        decoder = TextStream(self.processor.tokenizer)
+        tokenizer = self.processor.tokenizer
+        settings = replace(
+            settings or GenerationSettings(),
+            vocab_limit=len(tokenizer),
+            suppress_ids=(tokenizer.img_start_id, tokenizer.img_end_id, tokenizer.img_pad_id),
+        )
+        decoder = TextStream(tokenizer)
         for token in stream_tokens(self.model, inputs["input_ids"], inputs["pixel_values"], settings, self.stop_ids()):
             piece = decoder.push(token)
             if piece:

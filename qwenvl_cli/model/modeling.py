@@ -194,7 +194,8 @@ class QwenModel(nn.Module):
         mask = attention_mask_4d(attention_mask, batch, seq, past, hidden.device)
 
         hidden = self.drop(hidden)
-        hidden = self._insert_images(hidden, input_ids, pixel_values)
+        if past == 0:  # pictures are read on prefill only, as upstream does; decode steps never see them
+            hidden = self._insert_images(hidden, input_ids, pixel_values)
 
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.h:
@@ -345,12 +346,23 @@ class QwenVLForCausalLM(QwenVLPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
-            loss = causal_lm_loss(logits, labels)
+            loss = causal_lm_loss(logits, labels, unused.get("num_items_in_batch"))
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of each position's prediction of the next token, averaged over labels != -100."""
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cross-entropy of each position's prediction of the next token, averaged over labels != -100.
+
+    With `num_items_in_batch` (the supervised tokens of all micro-batches of one optimizer step, which
+    the transformers Trainer passes under gradient accumulation) the sum is divided by that count, so an
+    accumulated step averages over its tokens exactly as one large batch would."""
     shifted_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     shifted_labels = labels[:, 1:].reshape(-1).to(logits.device)
-    return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX)
+    if num_items_in_batch is None:
+        return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX)
+    total = F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch

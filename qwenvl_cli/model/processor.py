@@ -66,23 +66,37 @@ class QwenVLProcessor:
 
     def collate(self, items: Sequence[dict], pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor | None]:
         """Right-pad a list of `encode` results to the longest (rounded up to a multiple of 8)."""
-        longest = max(item["input_ids"].shape[1] for item in items)
-        width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-        batch = len(items)
-        input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
-        labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((batch, width), dtype=torch.long)
+        rows = [
+            {"input_ids": item["input_ids"][0], "labels": item["labels"][0], "pixel_values": item.get("pixel_values")}
+            for item in items
+        ]
+        batch = PaddingCollator(self.pad_id, pad_to_multiple_of)(rows)
+        batch.setdefault("pixel_values", None)
+        return batch
+
+
+class PaddingCollator:
+    """Right-pads to the batch's longest sample rounded up to a multiple of 8; pictures in row order."""
+
+    def __init__(self, pad_id: int, multiple: int = 8):
+        self.pad_id = pad_id
+        self.multiple = multiple
+
+    def __call__(self, items: list[dict]) -> dict:
+        longest = max(len(item["input_ids"]) for item in items)
+        width = -(-longest // self.multiple) * self.multiple
+        input_ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
         pictures = []
         for row, item in enumerate(items):
-            length = item["input_ids"].shape[1]
-            input_ids[row, :length] = item["input_ids"][0]
-            labels[row, :length] = item["labels"][0]
-            attention_mask[row, :length] = 1
-            if item.get("pixel_values") is not None:
+            n = len(item["input_ids"])
+            input_ids[row, :n] = item["input_ids"]
+            labels[row, :n] = item["labels"]
+            attention_mask[row, :n] = 1
+            if item["pixel_values"] is not None:
                 pictures.append(item["pixel_values"])
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
-            "pixel_values": torch.cat(pictures) if pictures else None,
-        }
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        if pictures:
+            batch["pixel_values"] = torch.cat(pictures)
+        return batch

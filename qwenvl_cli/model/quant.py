@@ -38,6 +38,7 @@ from torch import nn
 from ..errors import QwenvlError
 from .checkpoint import (
     DTYPES,
+    IGNORED_SUFFIXES,
     iter_tensors,
     load_checkpoint,
     read_generation_config,
@@ -394,7 +395,8 @@ def load_gptq(
         part: dict[str, torch.Tensor] = {}
         for key, tensor in iter_tensors(path):
             if key not in expected:
-                unexpected.append(key)
+                if not key.endswith(IGNORED_SUFFIXES):
+                    unexpected.append(key)
                 continue
             if tensor.is_floating_point() and not key.startswith(quantised_prefixes):
                 tensor = tensor.to(dtype=target)

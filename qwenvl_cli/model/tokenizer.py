@@ -177,4 +177,6 @@ class QwenVLTokenizer:
         return self._encoding.encode_ordinary(unicodedata.normalize("NFC", text))
 
     def decode(self, ids: list[int], errors: str = "replace") -> str:
-        return self._encoding.decode(ids, errors=errors)
+        """Text of `ids`; ids past the vocabulary (the padding rows of a model's embedding) are skipped."""
+        size = len(self)
+        return self._encoding.decode([i for i in ids if 0 <= i < size], errors=errors)
