@@ -4,7 +4,18 @@ __version__ = "0.1.0"
 
 import logging as _logging
 
-# torchao (pulled in by gptqmodel) warns on import about CUDA-only kernels it cannot load on a CPU, and
-# torch warns about its enum registration; neither concerns qwenvl's users.
-for _name in ("torchao", "torch.utils._pytree"):
+# torchao (pulled in by gptqmodel) warns on import about CUDA-only kernels it cannot load on a CPU,
+# bitsandbytes about an optional kernel package that must not be installed here, and torch about its
+# enum registration; none of it concerns qwenvl's users.
+for _name in ("torchao", "torch.utils._pytree", "bitsandbytes"):
     _logging.getLogger(_name).setLevel(_logging.ERROR)
+
+
+def quiet_import(module: str):
+    """Import a module whose import prints a banner (gptqmodel), without the banner. Raises ImportError."""
+    import contextlib
+    import importlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return importlib.import_module(module)

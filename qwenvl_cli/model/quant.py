@@ -96,9 +96,11 @@ def _import_bitsandbytes():
 
 
 def _import_gptqmodel():
+    from .. import quiet_import
+
     try:
-        import gptqmodel  # noqa: F401 - fails early, with the extra named, when it is missing
-    except ImportError as exc:
+        quiet_import("gptqmodel")  # fails early, with the extra named, when it is missing
+    except Exception as exc:
         raise QwenvlError(f"GPTQ checkpoints need gptqmodel, which does not import ({exc})", EXTRA_FIX) from None
 
 

@@ -1,0 +1,496 @@
+"""`qwenvl train` as a service: rules → data → model (+LoRA) → transformers Trainer → run folder.
+
+Run folder (`--output`):
+```
+checkpoints/checkpoint-N/   Trainer checkpoints (model/adapter, optimizer, scheduler, RNG, data position)
+checkpoints/run.json        the run's identity, compared on --resume
+adapter_config.json, adapter_model.safetensors   (lora, qlora)  |  config.json, model.safetensors (full)
+qwen.tiktoken, generation_config.json, loss.png
+qwenvl_run.json             written last: a folder without it is not a finished run
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, Field
+
+from .. import __version__
+from ..errors import QwenvlError
+from ..model.checkpoint import read_generation_config, save_checkpoint
+from ..model.config import QwenVLConfig
+from ..model.processor import PaddingCollator
+from ..model.template import ChatTemplate
+from ..model.tokenizer import VOCAB_FILE, QwenVLTokenizer
+from ..schemas import RunManifest
+from .data import ConversationDataset, file_sha256, prepare_samples
+from .presets import LORA_TARGETS, PRESETS, ResolvedRules, resolve_rules
+
+RUN_MANIFEST = "qwenvl_run.json"
+RUN_IDENTITY = "run.json"
+EventHook = Callable[[str, dict[str, Any]], None]
+
+
+class TrainOptions(BaseModel):
+    method: Literal["full", "lora", "qlora"] = "lora"
+    model: Path | None = None  # default: the built-in tiny model
+    data: Path | None = None  # default: the bundled demo data
+    output: Path = Path("runs/qwenvl")
+    image_root: Path | None = None
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    quant: Literal["gptq", "nf4"] | None = None
+    max_length: int = Field(2048, ge=16)
+    batch_size: int = Field(1, ge=1)
+    grad_accum: int = Field(8, ge=1)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1
+    lr: float | None = None
+    weight_decay: float = 0.1
+    warmup_steps: int = 0
+    lr_scheduler: str = "cosine"
+    lora_r: int = Field(64, ge=1)
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
+    train_vit: bool = False
+    gradient_checkpointing: bool = False
+    resume: str | None = None  # "auto" or a checkpoint folder
+    seed: int = 42
+    save_steps: int = 100
+    save_total_limit: int = 3
+    skip_invalid: bool = False
+    workers: int = 0
+    dry_run: bool = False
+
+
+class TrainResult(BaseModel):
+    output: str
+    model: str = ""
+    data: str = ""
+    method: str
+    precision: str
+    notes: list[str]
+    samples: int
+    dropped_samples: int
+    skipped_invalid: int
+    trainable_parameters: int
+    total_parameters: int
+    global_step: int = 0
+    final_loss: float | None = None
+    seconds: float = 0.0
+    tokens_per_second: float | None = None
+    resumed_from: str | None = None
+    dry_run: bool = False
+    loss_curve: str | None = None
+    weights_gib: float = 0.0  # weights + gradients + AdamW states, activations not included
+
+
+def builtin_model_dir() -> Path:
+    """The tiny model, built once into the cache (seeded: the same on every machine)."""
+    from ..data.images import default_cache_dir
+    from ..model.presets import init_model
+
+    folder = default_cache_dir() / "models" / "tiny"
+    if not (folder / "model.safetensors").is_file():
+        init_model("tiny", folder, seed=0, force=True)
+    return folder
+
+
+def model_fingerprint(folder: Path) -> str:
+    """sha256 over config.json, qwen.tiktoken and the names and sizes of the weight files."""
+    digest = hashlib.sha256()
+    for name in ("config.json", VOCAB_FILE):
+        path = folder / name
+        if path.is_file():
+            digest.update(path.read_bytes())
+    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        digest.update(f"{path.name}:{path.stat().st_size}".encode())
+    return digest.hexdigest()
+
+
+def _packages() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "accelerate", "deepspeed", "bitsandbytes", "gptqmodel"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def _latest_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest checkpoint that finished saving (the Trainer writes trainer_state.json last)."""
+    complete = [p for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def _identity(options: TrainOptions, model_dir: Path, rules: ResolvedRules, data_sha: str, quant: str | None) -> dict:
+    return {
+        "method": rules.method,
+        "base_model": str(model_dir.resolve()),
+        "base_fingerprint": model_fingerprint(model_dir),
+        "quantisation": quant,
+        "data_file": str(options.data.resolve()),
+        "data_sha256": data_sha,
+        "max_length": options.max_length,
+        "lora_r": options.lora_r if PRESETS[rules.method].lora else None,
+        "lora_targets": options.lora_targets if PRESETS[rules.method].lora else None,
+    }
+
+
+def _resume_point(options: TrainOptions, checkpoints: Path, identity: dict) -> Path | None:
+    if options.resume is None:
+        return None
+    if options.resume == "auto":
+        target = _latest_checkpoint(checkpoints)
+        if target is None:
+            return None  # nothing to resume: a fresh start
+    else:
+        target = Path(options.resume)
+        if not (target / "trainer_state.json").is_file():
+            raise QwenvlError(
+                f"{target} is not a complete checkpoint (no trainer_state.json)",
+                "Pass a checkpoints/checkpoint-N folder of a run, or --resume auto",
+            )
+    recorded_path = checkpoints / RUN_IDENTITY
+    if recorded_path.is_file():
+        recorded = json.loads(recorded_path.read_text("utf-8"))
+        changed = [
+            f"{key}: {recorded.get(key)!r} → {identity[key]!r}"
+            for key in identity
+            if key != "data_file" and recorded.get(key) != identity[key]
+        ]
+        if changed:
+            raise QwenvlError(
+                "cannot resume: the run changed since its checkpoints were written (" + "; ".join(changed) + ")",
+                "Resume with the same method, model and data, or start a new run with another --output",
+            )
+    return target
+
+
+def _apply_method(model, options: TrainOptions, rules: ResolvedRules):
+    preset = PRESETS[rules.method]
+    if preset.lora:
+        import contextlib
+
+        from .. import quiet_import
+
+        with contextlib.suppress(ImportError):
+            quiet_import("gptqmodel")  # peft imports it when present; its banner is not for our users
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if preset.quantised:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=options.gradient_checkpointing)
+        lora = LoraConfig(
+            r=options.lora_r,
+            lora_alpha=options.lora_alpha,
+            lora_dropout=options.lora_dropout,
+            target_modules=options.lora_targets,
+            modules_to_save=list(rules.modules_to_save) or None,
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, lora)
+    # full: the LM and the resampler train; the ViT stays frozen unless --train-vit.
+    model.requires_grad_(True)
+    visual = model.transformer.visual
+    if not options.train_vit:
+        visual.requires_grad_(False)
+        visual.attn_pool.requires_grad_(True)
+    visual.attn_pool.pos_embed.requires_grad_(False)
+    return model
+
+
+def _load_model(model_dir: Path, rules: ResolvedRules, quant: str | None):
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[rules.precision]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if quant == "gptq":
+        from ..model.quant import load_gptq
+
+        return load_gptq(model_dir, dtype=dtype)
+    if quant == "nf4":
+        from ..model.quant import load_nf4
+
+        return load_nf4(model_dir, compute_dtype=dtype)
+    from ..model.checkpoint import load_checkpoint
+
+    return load_checkpoint(model_dir, dtype=dtype, device=device)
+
+
+def _weights_gib(trainable: int, total: int, precision: str, quant: str | None) -> float:
+    """Weights + gradients + AdamW states in GiB (activations excluded): a floor for the memory a run needs."""
+    size = {"fp32": 4, "bf16": 2, "fp16": 2}[precision]
+    frozen = total - trainable
+    frozen_bytes = frozen * (0.56 if quant else size)  # 4-bit codes plus their scales, roughly
+    mixed = 4 if precision != "fp32" else 0  # an fp32 master copy under mixed precision
+    trainable_bytes = trainable * (size + size + 8 + mixed)  # weight, gradient, Adam m and v
+    return round((frozen_bytes + trainable_bytes) / 2**30, 3)
+
+
+def _count(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def run_training(options: TrainOptions, on_event: EventHook | None = None) -> TrainResult:
+    emit = on_event or (lambda kind, payload: None)
+    started = time.perf_counter()
+    if options.data is None:
+        from ..demo import DEMO_DATA
+
+        options = options.model_copy(update={"data": DEMO_DATA})
+    model_dir = options.model or builtin_model_dir()
+    config = QwenVLConfig.from_folder(model_dir)
+    generation = read_generation_config(model_dir)
+    base_model = generation.get("chat_format") == "raw"
+    quant = _quantisation(options, config)
+    gpu = torch.cuda.is_available()
+    rules = resolve_rules(
+        options.method, options.precision, base_model=base_model, train_vit=options.train_vit, gpu=gpu
+    )
+    tokenizer = QwenVLTokenizer.from_pretrained(model_dir)
+    template = ChatTemplate(tokenizer)
+    image_root = options.image_root or Path(options.data).resolve().parent
+    prepared = prepare_samples(options.data, template, options.max_length, image_root, options.skip_invalid)
+    data_sha = file_sha256(options.data)
+    output = Path(options.output)
+    checkpoints = output / "checkpoints"
+    identity = _identity(options, model_dir, rules, data_sha, quant)
+    resume_from = _resume_point(options, checkpoints, identity)
+    if resume_from is None and (output / RUN_MANIFEST).exists():
+        raise QwenvlError(
+            f"{output} already holds a finished run", "Choose another --output, or delete that folder to train again"
+        )
+
+    from transformers import set_seed
+
+    set_seed(options.seed)  # before the adapters are created: their initial values come from this seed
+    model, _ = _load_model(model_dir, rules, quant) if not options.dry_run else (None, None)
+    if options.dry_run:
+        from ..model.modeling import QwenVLForCausalLM
+
+        with torch.device("meta"):
+            model = QwenVLForCausalLM(config)
+    model = _apply_method(model, options, rules)
+    trainable, total = _count(model)
+    result = TrainResult(
+        output=str(output),
+        model=str(model_dir),
+        data=str(options.data),
+        method=rules.method,
+        precision=rules.precision,
+        notes=rules.notes,
+        samples=len(prepared.samples),
+        dropped_samples=prepared.dropped_too_long,
+        skipped_invalid=prepared.skipped_invalid,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        resumed_from=str(resume_from) if resume_from else None,
+        dry_run=options.dry_run,
+        weights_gib=_weights_gib(trainable, total, rules.precision, quant),
+    )
+    if options.dry_run:
+        return result
+
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    (checkpoints / RUN_IDENTITY).write_text(json.dumps(identity, indent=2) + "\n", "utf-8")
+    if options.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    trainer = _trainer(model, options, rules, prepared.samples, config, tokenizer, image_root, checkpoints, emit)
+    emit(
+        "start",
+        {
+            "samples": len(prepared.samples),
+            "dropped": prepared.dropped_too_long,
+            "notes": rules.notes,
+            "trainable": trainable,
+            "total": total,
+            "resume": str(resume_from) if resume_from else None,
+        },
+    )
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except KeyboardInterrupt:
+        raise QwenvlError(
+            "training interrupted",
+            f"Continue where it stopped with --resume auto (checkpoints in {checkpoints})",
+            exit_code=130,
+        ) from None
+    losses = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+    result.global_step = trainer.state.global_step
+    result.final_loss = losses[-1][1] if losses else None
+    result.seconds = round(time.perf_counter() - started, 2)
+    train_seconds = max(trainer.qwenvl_seconds, 1e-9)
+    result.tokens_per_second = round(trainer.qwenvl_tokens / train_seconds, 1)
+    result.loss_curve = _finish(
+        model, output, model_dir, rules, quant, options, prepared, identity, result, losses, generation
+    )
+    emit("done", result.model_dump())
+    return result
+
+
+def _quantisation(options: TrainOptions, config: QwenVLConfig) -> str | None:
+    gptq = bool(config.quantization_config) and config.quantization_config.get("quant_method") == "gptq"
+    if options.method == "qlora":
+        if gptq:
+            if options.quant == "nf4":
+                raise QwenvlError(
+                    "--quant nf4 needs a bf16/fp16/fp32 checkpoint, and this one is GPTQ Int4",
+                    "Drop --quant (the GPTQ weights are used as they are)",
+                )
+            return "gptq"
+        return options.quant or "nf4"
+    if gptq:
+        raise QwenvlError(
+            f"{options.model} is a GPTQ Int4 checkpoint, which only --method qlora can train",
+            "Use --method qlora, or train full/LoRA on the bf16 model",
+        )
+    if options.quant is not None:
+        raise QwenvlError("--quant goes with --method qlora", "Drop --quant, or use --method qlora")
+    return None
+
+
+def _trainer(model, options, rules, samples, config, tokenizer, image_root, checkpoints, emit):
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    preset = PRESETS[rules.method]
+
+    class QwenVLTrainer(Trainer):
+        qwenvl_tokens = 0
+        qwenvl_seconds = 0.0
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            tick = time.perf_counter()
+            loss = super().training_step(model, inputs, *args, **kwargs)
+            self.qwenvl_seconds += time.perf_counter() - tick
+            self.qwenvl_tokens += int(inputs["attention_mask"].sum())
+            return loss
+
+    class Events(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            emit("steps", {"total": state.max_steps, "done": state.global_step})
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                emit(
+                    "log",
+                    {
+                        "step": state.global_step,
+                        "total": state.max_steps,
+                        "loss": logs["loss"],
+                        "lr": logs.get("learning_rate"),
+                        "tokens_per_s": trainer_ref[0].qwenvl_tokens / max(trainer_ref[0].qwenvl_seconds, 1e-9),
+                        "memory": _memory(),
+                    },
+                )
+
+        def on_save(self, args, state, control, **kwargs):
+            emit("save", {"step": state.global_step})
+
+    arguments = TrainingArguments(
+        output_dir=str(checkpoints),
+        per_device_train_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.grad_accum,
+        num_train_epochs=options.epochs,
+        max_steps=options.max_steps,
+        learning_rate=options.lr if options.lr is not None else preset.learning_rate,
+        weight_decay=options.weight_decay,
+        adam_beta2=0.95,
+        warmup_steps=options.warmup_steps,
+        lr_scheduler_type=options.lr_scheduler,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=options.save_steps,
+        save_total_limit=options.save_total_limit,
+        bf16=rules.precision == "bf16",
+        fp16=rules.precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+        seed=options.seed,
+        dataloader_num_workers=options.workers,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+    )
+    trainer = QwenVLTrainer(
+        model=model,
+        args=arguments,
+        train_dataset=ConversationDataset(samples, config.image_size, image_root),
+        data_collator=PaddingCollator(tokenizer.eod_id),
+        callbacks=[Events()],
+    )
+    trainer_ref = [trainer]
+    trainer.remove_callback(PrinterCallback)  # progress is reported through `emit`
+    return trainer
+
+
+def _memory() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+    try:
+        import resource
+
+        return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB RSS"
+    except ImportError:
+        return "?"
+
+
+def _finish(model, output, model_dir, rules, quant, options, prepared, identity, result, losses, generation):
+    """Write the final model and the manifest (last) into the run folder; each file lands atomically."""
+    staging = output / f".final-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        if PRESETS[rules.method].lora:
+            model.save_pretrained(staging)
+            shutil.copyfile(model_dir / VOCAB_FILE, staging / VOCAB_FILE)
+            (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", "utf-8")
+        else:
+            save_checkpoint(model, staging, model_dir / VOCAB_FILE, generation, dtype=rules.precision)
+        curve = None
+        if losses:
+            from .plot import loss_curve_png
+
+            loss_curve_png(losses, staging / "loss.png", title=f"{rules.method} · {Path(options.data).name}")
+            curve = str(output / "loss.png")
+        for path in staging.iterdir():
+            os.replace(path, output / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    manifest = RunManifest(
+        qwenvl_version=__version__,
+        method=rules.method,
+        precision=rules.precision,
+        base_model=identity["base_model"],
+        base_fingerprint=identity["base_fingerprint"],
+        chat_format=generation.get("chat_format", "chatml"),
+        quantisation=quant,
+        modules_to_save=list(rules.modules_to_save),
+        data_file=identity["data_file"],
+        data_sha256=identity["data_sha256"],
+        samples=len(prepared.samples),
+        dropped_samples=prepared.dropped_too_long,
+        arguments=json.loads(options.model_dump_json()),
+        packages=_packages(),
+        global_step=result.global_step,
+        final_loss=result.final_loss,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    tmp = output / f".{RUN_MANIFEST}.tmp"
+    tmp.write_text(manifest.model_dump_json(indent=2) + "\n", "utf-8")
+    os.replace(tmp, output / RUN_MANIFEST)
+    return curve

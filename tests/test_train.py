@@ -1,0 +1,241 @@
+"""`qwenvl train` on the tiny models (CPU, fp32): methods, rules, run folders, resume, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qwenvl_cli.cli import app
+from qwenvl_cli.demo import DEMO_DATA
+from qwenvl_cli.errors import QwenvlError
+from qwenvl_cli.model.checkpoint import load_checkpoint
+from qwenvl_cli.model.presets import init_model
+from qwenvl_cli.schemas import RunManifest
+from qwenvl_cli.train.presets import resolve_rules
+from qwenvl_cli.train.runner import TrainOptions, run_training
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-models")
+    init_model("tiny", root / "tiny", seed=0)
+    init_model("tiny-base", root / "tiny-base", seed=0)
+    return root
+
+
+@pytest.fixture
+def data(tmp_path):
+    """The demo data set, copied so that tests can change it."""
+    folder = tmp_path / "data"
+    shutil.copytree(DEMO_DATA.parent, folder, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    return folder / "train.json"
+
+
+def options(models, data, output, **changes) -> TrainOptions:
+    settings = {
+        "model": models / "tiny",
+        "data": data,
+        "output": output,
+        "max_steps": 3,
+        "grad_accum": 1,
+        "lora_r": 4,
+        "save_steps": 2,
+        "lr": 1e-3,
+    }
+    settings.update(changes)
+    return TrainOptions(**settings)
+
+
+def test_lora_run_folder_is_self_contained_and_loads_with_peft(models, data, tmp_path):
+    from peft import PeftModel
+
+    events = []
+    result = run_training(options(models, data, tmp_path / "run"), lambda kind, payload: events.append(kind))
+    out = tmp_path / "run"
+    names = {p.name for p in out.iterdir()}
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "qwen.tiktoken",
+        "generation_config.json",
+        "loss.png",
+        "qwenvl_run.json",
+        "checkpoints",
+    } <= names
+    manifest = RunManifest.model_validate_json((out / "qwenvl_run.json").read_text())
+    assert (manifest.method, manifest.global_step, manifest.samples) == ("lora", 3, 14)
+    assert manifest.arguments["lora_r"] == 4 and manifest.packages["torch"]
+    assert manifest.base_fingerprint and len(manifest.data_sha256) == 64
+    assert result.final_loss is not None and result.tokens_per_second > 0
+    assert events[0] == "start" and events[-1] == "done" and "log" in events and "save" in events
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert set(adapter["target_modules"]) == {"c_attn", "attn.c_proj", "w1", "w2"}
+    assert not adapter.get("modules_to_save")  # a chat model: wte and lm_head stay frozen
+    base, tokenizer = load_checkpoint(models / "tiny")
+    loaded = PeftModel.from_pretrained(base, out).eval()
+    ids = torch.tensor([tokenizer.encode("What colour is the square?")])
+    fresh, _ = load_checkpoint(models / "tiny")
+    with torch.no_grad():
+        assert not torch.allclose(loaded(input_ids=ids).logits, fresh(input_ids=ids).logits)
+
+
+def test_lora_on_a_base_model_also_trains_wte_and_lm_head(models, data, tmp_path):
+    result = run_training(options(models, data, tmp_path / "run", model=models / "tiny-base", max_steps=1))
+    adapter = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert set(adapter["modules_to_save"]) == {"wte", "lm_head"}
+    assert any("base model" in note for note in result.notes)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "run" / "adapter_model.safetensors"), "pt") as handle:
+        keys = list(handle.keys())
+    assert any("wte" in key for key in keys) and any("lm_head" in key for key in keys)
+
+
+def test_full_training_writes_the_official_layout_and_keeps_the_vit_frozen(models, data, tmp_path):
+    run_training(options(models, data, tmp_path / "run", method="full", lr=1e-2, max_steps=2))
+    trained, _ = load_checkpoint(tmp_path / "run")
+    base, _ = load_checkpoint(models / "tiny")
+    before, after = base.state_dict(), trained.state_dict()
+    assert before.keys() == after.keys()
+    assert torch.equal(before["transformer.visual.conv1.weight"], after["transformer.visual.conv1.weight"])
+    assert torch.equal(
+        before["transformer.visual.transformer.resblocks.0.attn.in_proj.weight"],
+        after["transformer.visual.transformer.resblocks.0.attn.in_proj.weight"],
+    )
+    assert not torch.equal(before["transformer.visual.attn_pool.query"], after["transformer.visual.attn_pool.query"])
+    assert not torch.equal(before["transformer.h.0.attn.c_attn.weight"], after["transformer.h.0.attn.c_attn.weight"])
+    pos = "transformer.visual.attn_pool.pos_embed"
+    assert torch.equal(before[pos], after[pos])
+    manifest = json.loads((tmp_path / "run" / "qwenvl_run.json").read_text())
+    assert manifest["method"] == "full"
+
+
+@pytest.mark.parametrize("quant", ["nf4", "gptq"])
+def test_qlora_trains_adapters_over_a_4bit_model(models, data, tmp_path, quant):
+    pytest.importorskip("bitsandbytes" if quant == "nf4" else "gptqmodel")
+    model_dir = models / "tiny"
+    if quant == "gptq":
+        from qwenvl_cli.model.quant import quantize_gptq
+
+        model_dir = tmp_path / "tiny-int4"
+        quantize_gptq(models / "tiny", model_dir)
+    changes = {"quant": "nf4"} if quant == "nf4" else {}
+    result = run_training(
+        options(models, data, tmp_path / "run", model=model_dir, method="qlora", max_steps=2, **changes)
+    )
+    manifest = json.loads((tmp_path / "run" / "qwenvl_run.json").read_text())
+    assert (manifest["method"], manifest["quantisation"]) == ("qlora", quant)
+    assert result.global_step == 2 and result.final_loss == result.final_loss  # not NaN
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"method": "qlora", "precision": "bf16", "gpu": True}, "fp16 only"),
+        ({"method": "qlora", "engine": "deepspeed", "zero": 3, "gpu": True}, "ZeRO-3 is refused"),
+        ({"method": "qlora", "engine": "fsdp", "gpu": True}, "FSDP is refused"),
+        ({"method": "lora", "train_vit": True}, "--train-vit goes with --method full"),
+        ({"method": "qlora", "base_model": True}, "Q-LoRA on a base model is refused"),
+        ({"method": "sgd"}, "unknown method"),
+    ],
+)
+def test_rules_refuse_with_the_reason(kwargs, message):
+    with pytest.raises(QwenvlError, match=message):
+        resolve_rules(**kwargs)
+
+
+def test_rules_resolve_precision():
+    assert resolve_rules("lora", gpu=True).precision == "bf16"
+    assert resolve_rules("qlora", gpu=True).precision == "fp16"
+    cpu = resolve_rules("full", "bf16", gpu=False)
+    assert cpu.precision == "fp32" and "no GPU" in cpu.notes[0]
+    assert resolve_rules("lora", base_model=True).modules_to_save == ("wte", "lm_head")
+
+
+def test_method_and_checkpoint_mismatches_are_refused(models, data, tmp_path):
+    with pytest.raises(QwenvlError, match="--quant goes with --method qlora"):
+        run_training(options(models, data, tmp_path / "a", quant="nf4"))
+
+
+def test_resume_auto_continues_where_an_interrupted_run_stopped(models, data, tmp_path):
+    full = run_training(options(models, data, tmp_path / "straight", max_steps=4))
+
+    def interrupt_after_first_save(kind, payload):
+        if kind == "save":
+            raise KeyboardInterrupt
+
+    with pytest.raises(QwenvlError, match="--resume auto") as stopped:
+        run_training(options(models, data, tmp_path / "cut", max_steps=4), interrupt_after_first_save)
+    assert stopped.value.exit_code == 130
+    assert not (tmp_path / "cut" / "qwenvl_run.json").exists()  # not a finished run
+    resumed = run_training(options(models, data, tmp_path / "cut", max_steps=4, resume="auto"))
+    assert resumed.resumed_from.endswith("checkpoint-2") and resumed.global_step == 4
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "straight" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+    assert full.global_step == 4
+
+
+def test_resume_refuses_when_the_data_changed(models, data, tmp_path):
+    def stop(kind, payload):
+        if kind == "save":
+            raise KeyboardInterrupt
+
+    with pytest.raises(QwenvlError):
+        run_training(options(models, data, tmp_path / "run", max_steps=4), stop)
+    samples = json.loads(data.read_text())
+    data.write_text(json.dumps(samples[:-1]))
+    with pytest.raises(QwenvlError, match="data_sha256"):
+        run_training(options(models, data, tmp_path / "run", max_steps=4, resume="auto"))
+
+
+def test_a_finished_run_is_not_overwritten(models, data, tmp_path):
+    run_training(options(models, data, tmp_path / "run", max_steps=1))
+    with pytest.raises(QwenvlError, match="already holds a finished run"):
+        run_training(options(models, data, tmp_path / "run", max_steps=1))
+
+
+def test_dry_run_writes_nothing(models, data, tmp_path):
+    result = run_training(options(models, data, tmp_path / "run", dry_run=True))
+    assert result.dry_run and result.trainable_parameters < result.total_parameters
+    assert not (tmp_path / "run").exists()
+
+
+def test_invalid_data_stops_the_run_unless_skipped(models, data, tmp_path):
+    samples = json.loads(data.read_text())
+    samples[0]["conversations"][0]["from"] = "human"
+    data.write_text(json.dumps(samples))
+    with pytest.raises(QwenvlError, match="S113"):
+        run_training(options(models, data, tmp_path / "run", dry_run=True))
+    result = run_training(options(models, data, tmp_path / "run", dry_run=True, skip_invalid=True))
+    assert (result.samples, result.skipped_invalid) == (13, 1)
+
+
+def test_too_long_samples_are_dropped_when_the_cut_would_hit_a_picture(models, data, tmp_path):
+    result = run_training(options(models, data, tmp_path / "run", dry_run=True, max_length=200))
+    assert result.dropped_samples == 13 and result.samples == 1  # only the text-only sample fits
+
+
+def test_cli_train_with_a_yaml_config(models, data, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {models / 'tiny'}\ndata: {data}\nmax_steps: 2\ngrad_accum: 1\nlora_r: 64\n")
+    runner = CliRunner()
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--config", str(config), "--output", str(out), "--lora-r", "4"])
+    assert result.exit_code == 0, result.output
+    assert "training finished" in result.stdout
+    manifest = json.loads((out / "qwenvl_run.json").read_text())
+    assert manifest["arguments"]["lora_r"] == 4  # the flag wins over the file
+    assert manifest["arguments"]["max_steps"] == 2  # the file wins over the default
+    config.write_text("learning_rat: 0.1\n")
+    bad = runner.invoke(app, ["train", "--config", str(config), "--dry-run"])
+    assert bad.exit_code == 2 and "unknown option 'learning_rat'" in bad.stderr
