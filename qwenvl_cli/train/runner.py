@@ -46,7 +46,7 @@ class TrainOptions(BaseModel):
     method: Literal["full", "lora", "qlora"] = "lora"
     model: Path | None = None  # default: the built-in tiny model
     data: Path | None = None  # default: the bundled demo data
-    output: Path = Path("runs/qwenvl")
+    output: Path | None = None  # default: runs/<method>-<date>-<time>
     image_root: Path | None = None
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     quant: Literal["gptq", "nf4"] | None = None
@@ -266,6 +266,9 @@ def run_training(options: TrainOptions, on_event: EventHook | None = None) -> Tr
     image_root = options.image_root or Path(options.data).resolve().parent
     prepared = prepare_samples(options.data, template, options.max_length, image_root, options.skip_invalid)
     data_sha = file_sha256(options.data)
+    if options.output is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        options = options.model_copy(update={"output": Path("runs") / f"{options.method}-{stamp}"})
     output = Path(options.output)
     checkpoints = output / "checkpoints"
     identity = _identity(options, model_dir, rules, data_sha, quant)
