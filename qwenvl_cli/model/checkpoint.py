@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +130,27 @@ def load_checkpoint(
     target = DTYPES[dtype] if isinstance(dtype, str) else dtype
     with torch.device("meta"):
         model = QwenVLForCausalLM(config)
+    assign_weights(
+        model,
+        folder,
+        lambda key, t: t.to(device=device, dtype=target) if t.is_floating_point() else t.to(device),
+        "the Qwen-VL layout",
+        "Check that the folder holds a Qwen-VL checkpoint and that no shard is missing",
+    )
+    model.transformer.visual.attn_pool.pos_embed.requires_grad_(False)
+    model.eval()
+    return model, tokenizer
+
+
+def assign_weights(
+    model: torch.nn.Module,
+    folder: Path,
+    convert: Callable[[str, torch.Tensor], torch.Tensor],
+    layout: str,
+    fix: str,
+) -> None:
+    """Assign every tensor of the folder's shards to a model built on the meta device, shard by shard
+    (`convert` casts or moves each one); raise QwenvlError naming missing and unknown tensors."""
     expected = set(model.state_dict())
     seen: set[str] = set()
     unexpected: list[str] = []
@@ -140,7 +161,7 @@ def load_checkpoint(
                 if not key.endswith(IGNORED_SUFFIXES):
                     unexpected.append(key)
                 continue
-            part[key] = tensor.to(device=device, dtype=target) if tensor.is_floating_point() else tensor.to(device)
+            part[key] = convert(key, tensor)
         seen.update(part)
         model.load_state_dict(part, strict=False, assign=True)
         del part
@@ -151,13 +172,7 @@ def load_checkpoint(
             detail.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
         if unexpected:
             detail.append(f"{len(unexpected)} unknown tensors (e.g. {', '.join(unexpected[:3])})")
-        raise QwenvlError(
-            f"{folder} does not match the Qwen-VL layout: " + "; ".join(detail),
-            "Check that the folder holds a Qwen-VL checkpoint and that no shard is missing",
-        )
-    model.transformer.visual.attn_pool.pos_embed.requires_grad_(False)
-    model.eval()
-    return model, tokenizer
+        raise QwenvlError(f"{folder} does not match {layout}: " + "; ".join(detail), fix)
 
 
 def _parse_size(size: str | int) -> int:

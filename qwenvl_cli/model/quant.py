@@ -38,12 +38,10 @@ from torch import nn
 from ..errors import QwenvlError
 from .checkpoint import (
     DTYPES,
-    IGNORED_SUFFIXES,
-    iter_tensors,
+    assign_weights,
     load_checkpoint,
     read_generation_config,
     save_checkpoint,
-    weight_files,
 )
 from .config import QwenVLConfig
 from .tokenizer import VOCAB_FILE, QwenVLTokenizer
@@ -390,33 +388,19 @@ def load_gptq(
                 ),
             )
     quantised_prefixes = tuple(f"{name}." for name in names)
-    expected = set(model.state_dict())
-    seen: set[str] = set()
-    unexpected: list[str] = []
-    for path in weight_files(folder):
-        part: dict[str, torch.Tensor] = {}
-        for key, tensor in iter_tensors(path):
-            if key not in expected:
-                if not key.endswith(IGNORED_SUFFIXES):
-                    unexpected.append(key)
-                continue
-            if tensor.is_floating_point() and not key.startswith(quantised_prefixes):
-                tensor = tensor.to(dtype=target)
-            part[key] = tensor.to(device)
-        seen.update(part)
-        model.load_state_dict(part, strict=False, assign=True)
-        del part
-    missing = sorted(expected - seen)
-    if missing or unexpected:
-        detail = []
-        if missing:
-            detail.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            detail.append(f"{len(unexpected)} unknown tensors (e.g. {', '.join(unexpected[:3])})")
-        raise QwenvlError(
-            f"{folder} does not match the Qwen-VL GPTQ layout: " + "; ".join(detail),
-            "The LM's c_attn, attn.c_proj, w1, w2 and mlp.c_proj must be quantised and nothing else",
-        )
+
+    def convert(key: str, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.is_floating_point() and not key.startswith(quantised_prefixes):
+            tensor = tensor.to(dtype=target)
+        return tensor.to(device)
+
+    assign_weights(
+        model,
+        folder,
+        convert,
+        "the Qwen-VL GPTQ layout",
+        "The LM's c_attn, attn.c_proj, w1, w2 and mlp.c_proj must be quantised and nothing else",
+    )
     for name in names:
         layer = model.get_submodule(name)
         convert_gptq_v1_to_v2_format_module(layer, bits=bits, pack_dtype=layer.pack_dtype)
