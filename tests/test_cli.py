@@ -31,7 +31,7 @@ def test_version():
 def test_help_lists_only_working_commands():
     result = invoke("--help")
     assert result.exit_code == 0
-    for built in ("validate-data", "init-model", "train"):
+    for built in ("validate-data", "init-model", "train", "data", "eval"):
         assert built in result.stdout
     for unbuilt in ("merge", "profile", "chat", "serve-ui"):
         assert f" {unbuilt} " not in result.stdout
