@@ -343,6 +343,8 @@ def train_command(
         Path | None, typer.Option(help="YAML file with any of these options (flags given here win).")
     ] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the resolved plan and exit.")] = False,
+    gpus: Annotated[int, typer.Option(help="GPUs on this machine: N > 1 re-launches with torchrun (DDP).", min=1)] = 1,
+    nproc: Annotated[int, typer.Option(help="CPU processes (DDP over gloo), for machines without GPUs.", min=1)] = 1,
 ) -> None:
     """Fine-tune a Qwen-VL model: full, LoRA or Q-LoRA, with the method rules checked first.
 
@@ -355,18 +357,32 @@ def train_command(
       qwenvl train --method lora --model ./Qwen-VL-Chat --data train.json --output runs/chat-lora
       qwenvl train --method qlora --model ./Qwen-VL-Chat-Int4 --data train.json --precision fp16
       qwenvl train --config run.yaml --resume auto
+      qwenvl train --gpus 4 --model ./Qwen-VL-Chat --data train.json   # DDP over 4 GPUs
     """
     from .render import render_train_result, train_progress
     from .train.runner import TrainOptions, run_training
 
-    values = {name: value for name, value in ctx.params.items() if name != "config"}
+    values = {name: value for name, value in ctx.params.items() if name not in ("config", "gpus", "nproc")}
     if config is not None:
         values = _merge_config(ctx, values, config)
     values = {k: (v.value if isinstance(v, Enum) else v) for k, v in values.items()}
     options = TrainOptions(**values)
+    processes = max(gpus, nproc)
+    if processes > 1 and not dry_run:
+        from .train.launch import is_launched, relaunch
+        from .train.runner import resolve_defaults
+
+        if not is_launched():
+            resolved = resolve_defaults(options)
+            stderr.print(f"launching {processes} processes with torchrun ({'GPUs' if gpus > 1 else 'CPU, gloo'})")
+            code = relaunch(processes, sys.argv[2:], resolved.model, resolved.data, resolved.output, gpus > 1)
+            raise typer.Exit(code)
     with train_progress(stderr) as hook:
         result = run_training(options, hook)
-    render_train_result(result, stdout)
+    from .train.launch import world
+
+    if world()[0] == 0:
+        render_train_result(result, stdout)
 
 
 def _merge_config(ctx: typer.Context, values: dict, config: Path) -> dict:

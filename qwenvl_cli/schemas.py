@@ -286,4 +286,5 @@ class RunManifest(BaseModel):
     packages: dict[str, str] = Field(default_factory=dict)
     global_step: int = 0
     final_loss: float | None = None
+    processes: int = 1
     created: str

@@ -239,3 +239,46 @@ def test_cli_train_with_a_yaml_config(models, data, tmp_path):
     config.write_text("learning_rat: 0.1\n")
     bad = runner.invoke(app, ["train", "--config", str(config), "--dry-run"])
     assert bad.exit_code == 2 and "unknown option 'learning_rat'" in bad.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_with_ddp_over_gloo(models, data, tmp_path):
+    """`--nproc 2` re-launches through torchrun; rank 0 writes one run folder."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "QWENVL_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qwenvl_cli",
+            "train",
+            "--nproc",
+            "2",
+            "--model",
+            str(models / "tiny"),
+            "--data",
+            str(data),
+            "--output",
+            str(out),
+            "--max-steps",
+            "2",
+            "--grad-accum",
+            "1",
+            "--lora-r",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "launching 2 processes" in done.stderr
+    assert done.stdout.count("training finished") == 1  # only rank 0 reports
+    manifest = json.loads((out / "qwenvl_run.json").read_text())
+    assert (manifest["processes"], manifest["global_step"]) == (2, 2)
+    assert (out / "adapter_model.safetensors").is_file()

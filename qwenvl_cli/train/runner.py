@@ -94,6 +94,7 @@ class TrainResult(BaseModel):
     dry_run: bool = False
     loss_curve: str | None = None
     weights_gib: float = 0.0  # weights + gradients + AdamW states, activations not included
+    processes: int = 1
 
 
 def builtin_model_dir() -> Path:
@@ -245,14 +246,29 @@ def _count(model) -> tuple[int, int]:
     return trainable, total
 
 
-def run_training(options: TrainOptions, on_event: EventHook | None = None) -> TrainResult:
-    emit = on_event or (lambda kind, payload: None)
-    started = time.perf_counter()
+def resolve_defaults(options: TrainOptions) -> TrainOptions:
+    """Fill in the built-in model, the demo data and a fresh run folder where they were not given."""
+    update: dict[str, Any] = {}
     if options.data is None:
         from ..demo import DEMO_DATA
 
-        options = options.model_copy(update={"data": DEMO_DATA})
-    model_dir = options.model or builtin_model_dir()
+        update["data"] = DEMO_DATA
+    if options.model is None:
+        update["model"] = builtin_model_dir()
+    if options.output is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        update["output"] = Path("runs") / f"{options.method}-{stamp}"
+    return options.model_copy(update=update) if update else options
+
+
+def run_training(options: TrainOptions, on_event: EventHook | None = None) -> TrainResult:
+    from .launch import world
+
+    rank, world_size = world()
+    emit = (on_event or (lambda kind, payload: None)) if rank == 0 else (lambda kind, payload: None)
+    started = time.perf_counter()
+    options = resolve_defaults(options)
+    model_dir = Path(options.model)
     config = QwenVLConfig.from_folder(model_dir)
     generation = read_generation_config(model_dir)
     base_model = generation.get("chat_format") == "raw"
@@ -266,9 +282,6 @@ def run_training(options: TrainOptions, on_event: EventHook | None = None) -> Tr
     image_root = options.image_root or Path(options.data).resolve().parent
     prepared = prepare_samples(options.data, template, options.max_length, image_root, options.skip_invalid)
     data_sha = file_sha256(options.data)
-    if options.output is None:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        options = options.model_copy(update={"output": Path("runs") / f"{options.method}-{stamp}"})
     output = Path(options.output)
     checkpoints = output / "checkpoints"
     identity = _identity(options, model_dir, rules, data_sha, quant)
@@ -308,8 +321,9 @@ def run_training(options: TrainOptions, on_event: EventHook | None = None) -> Tr
     if options.dry_run:
         return result
 
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    (checkpoints / RUN_IDENTITY).write_text(json.dumps(identity, indent=2) + "\n", "utf-8")
+    if rank == 0:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        (checkpoints / RUN_IDENTITY).write_text(json.dumps(identity, indent=2) + "\n", "utf-8")
     if options.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
@@ -339,7 +353,10 @@ def run_training(options: TrainOptions, on_event: EventHook | None = None) -> Tr
     result.final_loss = losses[-1][1] if losses else None
     result.seconds = round(time.perf_counter() - started, 2)
     train_seconds = max(trainer.qwenvl_seconds, 1e-9)
-    result.tokens_per_second = round(trainer.qwenvl_tokens / train_seconds, 1)
+    result.tokens_per_second = round(trainer.qwenvl_tokens * world_size / train_seconds, 1)
+    result.processes = world_size
+    if rank != 0:
+        return result  # rank 0 writes the run folder
     result.loss_curve = _finish(
         model, output, model_dir, rules, quant, options, prepared, identity, result, losses, generation
     )
@@ -398,7 +415,9 @@ def _trainer(model, options, rules, samples, config, tokenizer, image_root, chec
                         "total": state.max_steps,
                         "loss": logs["loss"],
                         "lr": logs.get("learning_rate"),
-                        "tokens_per_s": trainer_ref[0].qwenvl_tokens / max(trainer_ref[0].qwenvl_seconds, 1e-9),
+                        "tokens_per_s": trainer_ref[0].qwenvl_tokens
+                        * args.world_size
+                        / max(trainer_ref[0].qwenvl_seconds, 1e-9),
                         "memory": _memory(),
                     },
                 )
@@ -424,6 +443,8 @@ def _trainer(model, options, rules, samples, config, tokenizer, image_root, chec
         bf16=rules.precision == "bf16",
         fp16=rules.precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
+        ddp_backend="gloo" if not torch.cuda.is_available() and _world_size() > 1 else None,
+        ddp_find_unused_parameters=False,  # every trainable parameter is used (text-only batches touch the ViT)
         report_to="none",
         seed=options.seed,
         dataloader_num_workers=options.workers,
@@ -440,6 +461,12 @@ def _trainer(model, options, rules, samples, config, tokenizer, image_root, chec
     trainer_ref = [trainer]
     trainer.remove_callback(PrinterCallback)  # progress is reported through `emit`
     return trainer
+
+
+def _world_size() -> int:
+    from .launch import world
+
+    return world()[1]
 
 
 def _memory() -> str:
@@ -491,6 +518,7 @@ def _finish(model, output, model_dir, rules, quant, options, prepared, identity,
         packages=_packages(),
         global_step=result.global_step,
         final_loss=result.final_loss,
+        processes=result.processes,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     tmp = output / f".{RUN_MANIFEST}.tmp"
