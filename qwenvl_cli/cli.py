@@ -339,6 +339,11 @@ def train_command(
     save_steps: Annotated[int, typer.Option(help="Checkpoint every N optimizer steps.", min=1)] = 100,
     skip_invalid: Annotated[bool, typer.Option(help="Drop samples with errors instead of stopping.")] = False,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes (pictures are decoded there).")] = 0,
+    eval_data: Annotated[
+        Path | None, typer.Option(help="Held-out data: loss, exact match and Acc@0.5 every --eval-every steps.")
+    ] = None,
+    eval_every: Annotated[int, typer.Option(help="Optimizer steps between evaluations.", min=1)] = 100,
+    eval_samples: Annotated[int, typer.Option(help="Samples of --eval-data asked by generation.", min=1)] = 32,
     config: Annotated[
         Path | None, typer.Option(help="YAML file with any of these options (flags given here win).")
     ] = None,

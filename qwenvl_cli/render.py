@@ -216,6 +216,8 @@ def train_progress(console: Console):
                 console.print(f"step {payload['step']}/{payload['total']} · {stats}")
         elif event == "save":
             console.print(f"[dim]checkpoint at step {payload['step']}[/]")
+        elif event == "eval":
+            console.print(f"eval at step {payload['step']}: {_eval_text(payload)}")
 
     if progress is None:
         yield hook
@@ -262,9 +264,22 @@ def render_train_result(result, console: Console) -> None:
         ("time", f"{result.seconds:.1f} s · {result.tokens_per_second or 0:,.0f} tokens/s"),
         ("output", result.output),
     ]
+    if result.evaluations:
+        rows.append(("last eval", f"step {result.evaluations[-1]['step']}: {_eval_text(result.evaluations[-1])}"))
     if result.loss_curve:
         rows.append(("loss curve", result.loss_curve))
     for key, value in rows:
         table.add_row(key, escape(str(value)))
     console.print("[bold green]✓[/] training finished")
     console.print(table)
+
+
+def _eval_text(record: dict) -> str:
+    def pct(value):
+        return "—" if value is None else f"{100 * value:.1f} %"
+
+    loss = record.get("eval_loss")
+    return (f"loss {loss:.4f}" if loss is not None else "loss —") + (
+        f" · exact match {pct(record.get('exact_match'))} · Acc@0.5 {pct(record.get('acc_at_50'))}"
+        f" ({record.get('questions', 0)} questions)"
+    )

@@ -287,4 +287,5 @@ class RunManifest(BaseModel):
     global_step: int = 0
     final_loss: float | None = None
     processes: int = 1
+    evaluations: list[dict] = Field(default_factory=list)
     created: str

@@ -282,3 +282,29 @@ def test_two_processes_with_ddp_over_gloo(models, data, tmp_path):
     manifest = json.loads((out / "qwenvl_run.json").read_text())
     assert (manifest["processes"], manifest["global_step"]) == (2, 2)
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_eval_data_is_scored_during_training(models, tmp_path):
+    from qwenvl_cli.data.synth import synthesize
+
+    synthesize(tmp_path / "syn", n=24, seed=3)
+    events = []
+    result = run_training(
+        options(
+            models,
+            tmp_path / "syn" / "train.json",
+            tmp_path / "run",
+            eval_data=tmp_path / "syn" / "eval.json",
+            eval_every=2,
+            eval_samples=2,
+            max_steps=4,
+        ),
+        lambda kind, payload: events.append((kind, payload)),
+    )
+    evals = [payload for kind, payload in events if kind == "eval"]
+    assert [e["step"] for e in evals] == [2, 4]
+    for record in evals:
+        assert record["eval_loss"] > 0 and record["questions"] >= 2
+        assert 0.0 <= record["accuracy"] <= 1.0
+    manifest = json.loads((tmp_path / "run" / "qwenvl_run.json").read_text())
+    assert manifest["evaluations"] == result.evaluations == evals

@@ -71,6 +71,9 @@ class TrainOptions(BaseModel):
     save_total_limit: int = 3
     skip_invalid: bool = False
     workers: int = 0
+    eval_data: Path | None = None
+    eval_every: int = Field(100, ge=1)  # optimizer steps between evaluations
+    eval_samples: int = Field(32, ge=1)  # samples of --eval-data asked by generation (all are in the loss)
     dry_run: bool = False
 
 
@@ -95,6 +98,7 @@ class TrainResult(BaseModel):
     loss_curve: str | None = None
     weights_gib: float = 0.0  # weights + gradients + AdamW states, activations not included
     processes: int = 1
+    evaluations: list[dict] = Field(default_factory=list)  # step, eval_loss, accuracy, acc_at_50
 
 
 def builtin_model_dir() -> Path:
@@ -281,6 +285,13 @@ def run_training(options: TrainOptions, on_event: EventHook | None = None) -> Tr
     template = ChatTemplate(tokenizer)
     image_root = options.image_root or Path(options.data).resolve().parent
     prepared = prepare_samples(options.data, template, options.max_length, image_root, options.skip_invalid)
+    evaluation = None
+    if options.eval_data is not None:
+        eval_root = options.image_root or Path(options.eval_data).resolve().parent
+        evaluation = (
+            prepare_samples(options.eval_data, template, options.max_length, eval_root, options.skip_invalid),
+            eval_root,
+        )
     data_sha = file_sha256(options.data)
     output = Path(options.output)
     checkpoints = output / "checkpoints"
@@ -328,7 +339,9 @@ def run_training(options: TrainOptions, on_event: EventHook | None = None) -> Tr
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
-    trainer = _trainer(model, options, rules, prepared.samples, config, tokenizer, image_root, checkpoints, emit)
+    trainer = _trainer(
+        model, options, rules, prepared.samples, config, tokenizer, image_root, checkpoints, emit, evaluation, result
+    )
     emit(
         "start",
         {
@@ -385,7 +398,7 @@ def _quantisation(options: TrainOptions, config: QwenVLConfig) -> str | None:
     return None
 
 
-def _trainer(model, options, rules, samples, config, tokenizer, image_root, checkpoints, emit):
+def _trainer(model, options, rules, samples, config, tokenizer, image_root, checkpoints, emit, evaluation, result):
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
@@ -425,6 +438,14 @@ def _trainer(model, options, rules, samples, config, tokenizer, image_root, chec
         def on_save(self, args, state, control, **kwargs):
             emit("save", {"step": state.global_step})
 
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if evaluation is None or not state.is_world_process_zero:
+                return
+            record = {"step": state.global_step, "eval_loss": (metrics or {}).get("eval_loss")}
+            record.update(_generation_metrics(kwargs["model"], tokenizer, config, evaluation, options))
+            result.evaluations.append(record)
+            emit("eval", record)
+
     arguments = TrainingArguments(
         output_dir=str(checkpoints),
         per_device_train_batch_size=options.batch_size,
@@ -450,17 +471,53 @@ def _trainer(model, options, rules, samples, config, tokenizer, image_root, chec
         dataloader_num_workers=options.workers,
         remove_unused_columns=False,
         disable_tqdm=True,
+        eval_strategy="steps" if evaluation is not None else "no",
+        eval_steps=options.eval_every,
+        per_device_eval_batch_size=options.batch_size,
     )
     trainer = QwenVLTrainer(
         model=model,
         args=arguments,
         train_dataset=ConversationDataset(samples, config.image_size, image_root),
+        eval_dataset=ConversationDataset(evaluation[0].samples, config.image_size, evaluation[1])
+        if evaluation is not None
+        else None,
         data_collator=PaddingCollator(tokenizer.eod_id),
         callbacks=[Events()],
     )
     trainer_ref = [trainer]
     trainer.remove_callback(PrinterCallback)  # progress is reported through `emit`
     return trainer
+
+
+def _generation_metrics(model, tokenizer, config, evaluation, options) -> dict:
+    """Ask the model the first --eval-samples samples of --eval-data: exact match and Acc@0.5."""
+    from ..data.reader import DataFile
+    from ..evaluate import evaluate
+    from ..model.generation import GenerationSettings
+    from ..model.processor import QwenVLProcessor
+
+    prepared, root = evaluation
+    samples = []
+    bad = {f.sample_index for f in prepared.report.findings if f.severity.value == "error"}
+    for record in DataFile.open(options.eval_data).records():
+        if record.index not in bad and record.problem is None:
+            samples.append(record.value)
+        if len(samples) >= options.eval_samples:
+            break
+    processor = QwenVLProcessor(tokenizer, config.image_size, image_root=root)
+    was_training = model.training
+    model.eval()
+    try:
+        report = evaluate(model, processor, samples, GenerationSettings(max_new_tokens=64))
+    finally:
+        model.train(was_training)
+    return {
+        "accuracy": report.accuracy,
+        "exact_match": report.exact_match,
+        "acc_at_50": report.acc_at_50,
+        "questions": report.questions,
+    }
 
 
 def _world_size() -> int:
@@ -519,6 +576,7 @@ def _finish(model, output, model_dir, rules, quant, options, prepared, identity,
         global_step=result.global_step,
         final_loss=result.final_loss,
         processes=result.processes,
+        evaluations=result.evaluations,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     tmp = output / f".{RUN_MANIFEST}.tmp"
