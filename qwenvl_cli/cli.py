@@ -297,6 +297,11 @@ class PrecisionChoice(str, Enum):
     fp32 = "fp32"
 
 
+class ReportTo(str, Enum):
+    none = "none"
+    tensorboard = "tensorboard"
+
+
 class QuantChoice(str, Enum):
     gptq = "gptq"
     nf4 = "nf4"
@@ -344,6 +349,9 @@ def train_command(
     ] = None,
     eval_every: Annotated[int, typer.Option(help="Optimizer steps between evaluations.", min=1)] = 100,
     eval_samples: Annotated[int, typer.Option(help="Samples of --eval-data asked by generation.", min=1)] = 32,
+    report_to: Annotated[
+        ReportTo, typer.Option(help="tensorboard: write event files to <output>/tensorboard.")
+    ] = ReportTo.none,
     config: Annotated[
         Path | None, typer.Option(help="YAML file with any of these options (flags given here win).")
     ] = None,

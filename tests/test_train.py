@@ -308,3 +308,9 @@ def test_eval_data_is_scored_during_training(models, tmp_path):
         assert 0.0 <= record["accuracy"] <= 1.0
     manifest = json.loads((tmp_path / "run" / "qwenvl_run.json").read_text())
     assert manifest["evaluations"] == result.evaluations == evals
+
+
+def test_tensorboard_event_files(models, data, tmp_path):
+    run_training(options(models, data, tmp_path / "run", max_steps=2, report_to="tensorboard"))
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0

@@ -74,6 +74,7 @@ class TrainOptions(BaseModel):
     eval_data: Path | None = None
     eval_every: int = Field(100, ge=1)  # optimizer steps between evaluations
     eval_samples: int = Field(32, ge=1)  # samples of --eval-data asked by generation (all are in the loss)
+    report_to: Literal["none", "tensorboard"] = "none"  # tensorboard: event files in <output>/tensorboard
     dry_run: bool = False
 
 
@@ -402,6 +403,9 @@ def _trainer(model, options, rules, samples, config, tokenizer, image_root, chec
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
+    if options.report_to == "tensorboard":
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(options.output) / "tensorboard")
+
     preset = PRESETS[rules.method]
 
     class QwenVLTrainer(Trainer):
@@ -466,7 +470,7 @@ def _trainer(model, options, rules, samples, config, tokenizer, image_root, chec
         use_cpu=not torch.cuda.is_available(),
         ddp_backend="gloo" if not torch.cuda.is_available() and _world_size() > 1 else None,
         ddp_find_unused_parameters=False,  # every trainable parameter is used (text-only batches touch the ViT)
-        report_to="none",
+        report_to=options.report_to,
         seed=options.seed,
         dataloader_num_workers=options.workers,
         remove_unused_columns=False,
