@@ -297,6 +297,11 @@ class PrecisionChoice(str, Enum):
     fp32 = "fp32"
 
 
+class EngineChoice(str, Enum):
+    ddp = "ddp"
+    deepspeed = "deepspeed"
+
+
 class ReportTo(str, Enum):
     none = "none"
     tensorboard = "tensorboard"
@@ -356,6 +361,13 @@ def train_command(
         Path | None, typer.Option(help="YAML file with any of these options (flags given here win).")
     ] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the resolved plan and exit.")] = False,
+    engine: Annotated[EngineChoice, typer.Option(help="ddp, or deepspeed (ZeRO, see --zero and --offload).")] = (
+        EngineChoice.ddp
+    ),
+    zero: Annotated[int, typer.Option(help="DeepSpeed ZeRO stage: 2 or 3.", min=2, max=3)] = 2,
+    offload: Annotated[
+        bool, typer.Option(help="DeepSpeed: keep optimizer states (and, with ZeRO-3, parameters) in CPU memory.")
+    ] = False,
     gpus: Annotated[int, typer.Option(help="GPUs on this machine: N > 1 re-launches with torchrun (DDP).", min=1)] = 1,
     nproc: Annotated[int, typer.Option(help="CPU processes (DDP over gloo), for machines without GPUs.", min=1)] = 1,
 ) -> None:

@@ -314,3 +314,62 @@ def test_tensorboard_event_files(models, data, tmp_path):
     run_training(options(models, data, tmp_path / "run", max_steps=2, report_to="tensorboard"))
     events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_deepspeed_zero3_on_two_processes_saves_complete_weights(models, data, tmp_path, method):
+    """ZeRO-3 shards parameters across ranks; the run folder must still hold every tensor whole."""
+    pytest.importorskip("deepspeed")
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ds"
+    env = {**os.environ, "QWENVL_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qwenvl_cli",
+            "train",
+            "--nproc",
+            "2",
+            "--engine",
+            "deepspeed",
+            "--zero",
+            "3",
+            "--method",
+            method,
+            "--model",
+            str(models / "tiny"),
+            "--data",
+            str(data),
+            "--output",
+            str(out),
+            "--max-steps",
+            "2",
+            "--grad-accum",
+            "1",
+            "--lora-r",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=400,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    if method == "lora":
+        from safetensors.torch import load_file
+
+        adapter = load_file(str(out / "adapter_model.safetensors"))
+        assert len(adapter) == 16  # 2 blocks × 4 targets × (A, B)
+        assert adapter["base_model.model.transformer.h.1.mlp.w2.lora_A.weight"].shape == (4, 128)
+        assert all(t.numel() > 0 for t in adapter.values())
+    else:
+        trained, _ = load_checkpoint(out)
+        base, _ = load_checkpoint(models / "tiny")
+        assert trained.transformer.wte.weight.shape == base.transformer.wte.weight.shape
+        assert not torch.equal(trained.transformer.h[0].attn.c_attn.weight, base.transformer.h[0].attn.c_attn.weight)
+        assert torch.equal(trained.transformer.visual.conv1.weight, base.transformer.visual.conv1.weight)

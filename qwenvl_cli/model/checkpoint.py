@@ -196,6 +196,7 @@ def save_checkpoint(
     max_shard_size: str | int = "2GB",
     dtype: str | torch.dtype | None = None,
     force: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `model` as an official-layout folder, atomically (a temporary folder renamed into place)."""
     from safetensors.torch import save_file
@@ -206,7 +207,7 @@ def save_checkpoint(
     limit = _parse_size(max_shard_size)
     target = DTYPES[dtype] if isinstance(dtype, str) else dtype
     state = {}
-    for key, tensor in model.state_dict().items():
+    for key, tensor in (state_dict if state_dict is not None else model.state_dict()).items():
         tensor = tensor.detach()
         if target is not None and tensor.is_floating_point():
             tensor = tensor.to(target)

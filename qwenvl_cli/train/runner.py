@@ -75,6 +75,9 @@ class TrainOptions(BaseModel):
     eval_every: int = Field(100, ge=1)  # optimizer steps between evaluations
     eval_samples: int = Field(32, ge=1)  # samples of --eval-data asked by generation (all are in the loss)
     report_to: Literal["none", "tensorboard"] = "none"  # tensorboard: event files in <output>/tensorboard
+    engine: Literal["ddp", "deepspeed", "fsdp"] = "ddp"
+    zero: Literal[2, 3] = 2
+    offload: bool = False
     dry_run: bool = False
 
 
@@ -280,7 +283,13 @@ def run_training(options: TrainOptions, on_event: EventHook | None = None) -> Tr
     quant = _quantisation(options, config)
     gpu = torch.cuda.is_available()
     rules = resolve_rules(
-        options.method, options.precision, base_model=base_model, train_vit=options.train_vit, gpu=gpu
+        options.method,
+        options.precision,
+        engine=options.engine,
+        zero=options.zero,
+        base_model=base_model,
+        train_vit=options.train_vit,
+        gpu=gpu,
     )
     tokenizer = QwenVLTokenizer.from_pretrained(model_dir)
     template = ChatTemplate(tokenizer)
@@ -369,13 +378,27 @@ def run_training(options: TrainOptions, on_event: EventHook | None = None) -> Tr
     train_seconds = max(trainer.qwenvl_seconds, 1e-9)
     result.tokens_per_second = round(trainer.qwenvl_tokens * world_size / train_seconds, 1)
     result.processes = world_size
-    if rank != 0:
-        return result  # rank 0 writes the run folder
-    result.loss_curve = _finish(
-        model, output, model_dir, rules, quant, options, prepared, identity, result, losses, generation
-    )
+    state_dict = None
+    if options.engine == "deepspeed":
+        # Under ZeRO-3 every rank holds a shard: gather the whole state (a collective, so on every rank).
+        state_dict = trainer.accelerator.get_state_dict(trainer.deepspeed)
+    if rank == 0:  # rank 0 writes the run folder
+        result.loss_curve = _finish(
+            model, output, model_dir, rules, quant, options, prepared, identity, result, losses, generation, state_dict
+        )
+    _leave_process_group()
     emit("done", result.model_dump())
     return result
+
+
+def _leave_process_group() -> None:
+    """All ranks wait for rank 0's writing, then close the group together (a rank that simply exits while
+    the others still communicate can abort the launch)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _quantisation(options: TrainOptions, config: QwenVLConfig) -> str | None:
@@ -471,6 +494,7 @@ def _trainer(model, options, rules, samples, config, tokenizer, image_root, chec
         ddp_backend="gloo" if not torch.cuda.is_available() and _world_size() > 1 else None,
         ddp_find_unused_parameters=False,  # every trainable parameter is used (text-only batches touch the ViT)
         report_to=options.report_to,
+        deepspeed=deepspeed_config(options, rules) if options.engine == "deepspeed" else None,
         seed=options.seed,
         dataloader_num_workers=options.workers,
         remove_unused_columns=False,
@@ -492,6 +516,26 @@ def _trainer(model, options, rules, samples, config, tokenizer, image_root, chec
     trainer_ref = [trainer]
     trainer.remove_callback(PrinterCallback)  # progress is reported through `emit`
     return trainer
+
+
+def deepspeed_config(options: TrainOptions, rules: ResolvedRules) -> dict:
+    """A DeepSpeed config for the run ("auto" values are filled in by the Trainer from its arguments)."""
+    zero: dict[str, Any] = {"stage": options.zero, "overlap_comm": True, "contiguous_gradients": True}
+    if options.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        if options.zero == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if options.zero == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # complete weights/adapters on save
+        zero["stage3_param_persistence_threshold"] = "auto"  # the Trainer's hidden_size-based value
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": rules.precision == "bf16"},
+        "fp16": {"enabled": rules.precision == "fp16"},
+        "zero_optimization": zero,
+    }
 
 
 def _generation_metrics(model, tokenizer, config, evaluation, options) -> dict:
@@ -541,17 +585,22 @@ def _memory() -> str:
         return "?"
 
 
-def _finish(model, output, model_dir, rules, quant, options, prepared, identity, result, losses, generation):
-    """Write the final model and the manifest (last) into the run folder; each file lands atomically."""
+def _finish(
+    model, output, model_dir, rules, quant, options, prepared, identity, result, losses, generation, state_dict=None
+):
+    """Write the final model and the manifest (last) into the run folder; each file lands atomically.
+    `state_dict` is the gathered state of a DeepSpeed run (the model's own parameters may be shards)."""
     staging = output / f".final-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         if PRESETS[rules.method].lora:
-            model.save_pretrained(staging)
+            model.save_pretrained(staging, state_dict=state_dict)
             shutil.copyfile(model_dir / VOCAB_FILE, staging / VOCAB_FILE)
             (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", "utf-8")
         else:
-            save_checkpoint(model, staging, model_dir / VOCAB_FILE, generation, dtype=rules.precision)
+            save_checkpoint(
+                model, staging, model_dir / VOCAB_FILE, generation, dtype=rules.precision, state_dict=state_dict
+            )
         curve = None
         if losses:
             from .plot import loss_curve_png
