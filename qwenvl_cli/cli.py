@@ -340,6 +340,9 @@ def train_command(
     lora_r: Annotated[int, typer.Option(help="LoRA rank.", min=1)] = 64,
     lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 16,
     lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.05,
+    lora_targets: Annotated[
+        str, typer.Option(help="Comma-separated module names that get LoRA adapters.")
+    ] = "c_attn,attn.c_proj,w1,w2",
     train_vit: Annotated[bool, typer.Option(help="full: also train the ViT.")] = False,
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations to save memory.")] = False,
     resume: Annotated[
@@ -391,6 +394,8 @@ def train_command(
     if config is not None:
         values = _merge_config(ctx, values, config)
     values = {k: (v.value if isinstance(v, Enum) else v) for k, v in values.items()}
+    if isinstance(values.get("lora_targets"), str):
+        values["lora_targets"] = [name.strip() for name in values["lora_targets"].split(",") if name.strip()]
     options = TrainOptions(**values)
     processes = max(gpus, nproc)
     if processes > 1 and not dry_run:

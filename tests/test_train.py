@@ -373,3 +373,31 @@ def test_deepspeed_zero3_on_two_processes_saves_complete_weights(models, data, t
         assert trained.transformer.wte.weight.shape == base.transformer.wte.weight.shape
         assert not torch.equal(trained.transformer.h[0].attn.c_attn.weight, base.transformer.h[0].attn.c_attn.weight)
         assert torch.equal(trained.transformer.visual.conv1.weight, base.transformer.visual.conv1.weight)
+
+
+def test_cli_lora_targets(models, data, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "run"
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--model",
+            str(models / "tiny"),
+            "--data",
+            str(data),
+            "--output",
+            str(out),
+            "--max-steps",
+            "1",
+            "--grad-accum",
+            "1",
+            "--lora-r",
+            "2",
+            "--lora-targets",
+            "c_attn",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["target_modules"] == ["c_attn"]
