@@ -35,6 +35,33 @@ def data(tmp_path):
     return folder / "train.json"
 
 
+def train_in_processes(models, data, out, *flags: str):
+    """`qwenvl train` as a real command (several processes); returns the finished process."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "QWENVL_CACHE_DIR": str(out.parent / "cache")}
+    common = [
+        "--model",
+        str(models / "tiny"),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--max-steps",
+        "2",
+        "--grad-accum",
+        "1",
+        "--lora-r",
+        "4",
+    ]
+    command = [sys.executable, "-m", "qwenvl_cli", "train", *flags, *common]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def options(models, data, output, **changes) -> TrainOptions:
     settings = {
         "model": models / "tiny",
@@ -244,39 +271,8 @@ def test_cli_train_with_a_yaml_config(models, data, tmp_path):
 @pytest.mark.slow
 def test_two_processes_with_ddp_over_gloo(models, data, tmp_path):
     """`--nproc 2` re-launches through torchrun; rank 0 writes one run folder."""
-    import os
-    import subprocess
-    import sys
-
     out = tmp_path / "ddp"
-    env = {**os.environ, "QWENVL_CACHE_DIR": str(tmp_path / "cache")}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qwenvl_cli",
-            "train",
-            "--nproc",
-            "2",
-            "--model",
-            str(models / "tiny"),
-            "--data",
-            str(data),
-            "--output",
-            str(out),
-            "--max-steps",
-            "2",
-            "--grad-accum",
-            "1",
-            "--lora-r",
-            "4",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = train_in_processes(models, data, out, "--nproc", "2")
     assert "launching 2 processes" in done.stderr
     assert done.stdout.count("training finished") == 1  # only rank 0 reports
     manifest = json.loads((out / "qwenvl_run.json").read_text())
@@ -321,45 +317,8 @@ def test_tensorboard_event_files(models, data, tmp_path):
 def test_deepspeed_zero3_on_two_processes_saves_complete_weights(models, data, tmp_path, method):
     """ZeRO-3 shards parameters across ranks; the run folder must still hold every tensor whole."""
     pytest.importorskip("deepspeed")
-    import os
-    import subprocess
-    import sys
-
     out = tmp_path / "ds"
-    env = {**os.environ, "QWENVL_CACHE_DIR": str(tmp_path / "cache")}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qwenvl_cli",
-            "train",
-            "--nproc",
-            "2",
-            "--engine",
-            "deepspeed",
-            "--zero",
-            "3",
-            "--method",
-            method,
-            "--model",
-            str(models / "tiny"),
-            "--data",
-            str(data),
-            "--output",
-            str(out),
-            "--max-steps",
-            "2",
-            "--grad-accum",
-            "1",
-            "--lora-r",
-            "4",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=400,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    train_in_processes(models, data, out, "--nproc", "2", "--engine", "deepspeed", "--zero", "3", "--method", method)
     if method == "lora":
         from safetensors.torch import load_file
 
