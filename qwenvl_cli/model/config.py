@@ -131,6 +131,8 @@ class QwenVLConfig(PreTrainedConfig):
     def from_folder(cls, folder: str | Path) -> QwenVLConfig:
         """Read `folder/config.json`, with a clear error when it is missing or not a Qwen-VL config."""
         path = Path(folder) / "config.json"
+        if not Path(folder).is_dir():
+            raise QwenvlError(f"model folder {folder} does not exist", "Pass the folder of a Qwen-VL checkpoint")
         if not path.is_file():
             raise QwenvlError(f"{folder} has no config.json", "Pass a Qwen-VL checkpoint folder")
         try:
