@@ -220,6 +220,12 @@ def data_synth_command(
     force: Annotated[
         bool, typer.Option(help="Replace train.json, eval.json and images/ in a non-empty folder.")
     ] = False,
+    max_shapes: Annotated[
+        int, typer.Option(help="Most shapes in one picture (1–3); with 1, a colour is read at a glance.")
+    ] = 3,
+    questions: Annotated[
+        str, typer.Option(help="Kinds of question asked, comma-separated: colour,count,grounding,compare.")
+    ] = "colour,count,grounding,compare",
 ) -> None:
     """Write a synthetic data set of coloured shapes: colour, count and grounding questions.
 
@@ -233,12 +239,14 @@ def data_synth_command(
       qwenvl data synth --output data/shapes --n 2000
       qwenvl data synth --output data/small --n 200 --seed 1 --eval-fraction 0.2
       qwenvl data synth --output data/shapes --n 5000 --image-size 448 --force
+      qwenvl data synth --output data/colours --n 600 --max-shapes 1 --questions colour
     """
     from .data.synth import synthesize
     from .render_eval import count_progress, render_synth
 
     with count_progress(stderr, "drawing") as hook:
-        summary = synthesize(output, n, seed, image_size, eval_fraction, force, hook)
+        kinds = [kind.strip() for kind in questions.split(",") if kind.strip()]
+        summary = synthesize(output, n, seed, image_size, eval_fraction, force, hook, max_shapes, kinds)
     render_synth(summary, stdout)
 
 

@@ -45,8 +45,9 @@ def render_synth(summary: SynthSummary, console: Console) -> None:
     table.add_row("train", escape(summary.train_file), f"{summary.train_samples:,}")
     table.add_row("eval", escape(summary.eval_file), f"{summary.eval_samples:,}")
     console.print(table)
-    kinds = " · ".join(f"{kind} {count:,}" for kind, count in summary.questions.items())
-    console.print(f"  questions: {kinds}")
+    asked = [(kind, count) for kind, count in summary.questions.items() if kind in summary.question_kinds]
+    kinds = " · ".join(f"{kind} {count:,}" for kind, count in asked)
+    console.print(f"  questions: {kinds}   (1–{summary.max_shapes} shapes per picture)")
     console.print(f"  next: qwenvl validate-data {escape(summary.train_file)}")
 
 

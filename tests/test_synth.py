@@ -234,3 +234,50 @@ def test_cli_writes_then_refuses_without_a_traceback(tmp_path):
     helped = runner.invoke(app, ["data", "synth", "--help"], env=env)
     assert helped.exit_code == 0 and "qwenvl data synth --output data/shapes --n 2000" in helped.stdout
     assert "data" in runner.invoke(app, ["--help"], env=env).stdout
+
+
+def test_max_shapes_and_question_kinds_limit_what_is_drawn_and_asked(tmp_path):
+    summary = synthesize(tmp_path / "c", 60, seed=4, max_shapes=1, questions=["colour"])
+    assert summary.max_shapes == 1 and summary.question_kinds == ["colour"]
+    assert summary.questions["colour"] > 0
+    assert all(count == 0 for kind, count in summary.questions.items() if kind != "colour")
+    samples = json.loads((tmp_path / "c" / "train.json").read_text()) + json.loads(
+        (tmp_path / "c" / "eval.json").read_text()
+    )
+    for sample in samples:
+        for question in sample["conversations"][::2]:
+            assert "What colour is the " in question["value"], question["value"]
+        for answer in sample["conversations"][1::2]:
+            assert answer["value"].rstrip(".").lower() in PALETTE
+    for png in (tmp_path / "c" / "images").iterdir():  # one shape: the background plus one colour
+        colours = {c for _, c in Image.open(png).convert("RGB").getcolors(1 << 16)}
+        assert colours - {BACKGROUND} and len(colours & set(PALETTE.values())) == 1, png.name
+    assert validate_data([tmp_path / "c" / "train.json"]).errors == 0
+
+
+def test_only_compare_questions_compare_two_pictures(tmp_path):
+    summary = synthesize(tmp_path / "p", 20, seed=1, questions=["compare"])
+    assert summary.questions["compare"] == 20 and summary.pictures == 40
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_shapes": 0}, "--max-shapes 0 is outside [1, 3]"),
+        ({"max_shapes": 4}, "--max-shapes 4 is outside [1, 3]"),
+        ({"questions": ["colour", "size"]}, "unknown kinds: size"),
+        ({"questions": []}, "names no kind"),
+    ],
+)
+def test_bad_shape_and_question_settings_are_refused(tmp_path, kwargs, message):
+    with pytest.raises(QwenvlError, match=re.escape(message)):
+        synthesize(tmp_path / "x", 10, **kwargs)
+
+
+def test_cli_synth_max_shapes_and_questions(tmp_path):
+    args = ["data", "synth", "--output", str(tmp_path / "d"), "--n", "6", "--max-shapes", "1"]
+    result = CliRunner().invoke(app, [*args, "--questions", "colour, grounding"])
+    assert result.exit_code == 0, result.output
+    assert "count" not in result.stdout.split("questions:")[1] and "1–1 shapes" in result.stdout
+    bad = CliRunner().invoke(app, ["data", "synth", "--output", str(tmp_path / "e"), "--n", "6", "--questions", "size"])
+    assert bad.exit_code == 2 and "unknown kinds: size" in bad.output

@@ -21,7 +21,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -46,6 +46,7 @@ BACKGROUND = (245, 245, 240)
 WRITTEN = ("images", "train.json", "eval.json")  # what synth puts in its folder (and --force replaces)
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 4096
 QuestionKind = Literal["colour", "count", "grounding", "compare"]
+QUESTION_KINDS: tuple[str, ...] = ("colour", "count", "grounding", "compare")
 
 # samples done, samples in all
 SynthProgress = Callable[[int, int], None]
@@ -59,6 +60,8 @@ class SynthSummary(BaseModel):
     eval_file: str
     seed: int
     image_size: int
+    max_shapes: int = 3
+    question_kinds: list[str] = list(QUESTION_KINDS)  # the kinds asked for
     train_samples: int
     eval_samples: int
     pictures: int
@@ -80,10 +83,10 @@ class Picture:
     shapes: tuple[Shape, ...]
 
 
-def draw_picture(rng: random.Random, size: int) -> tuple[Image.Image, tuple[Shape, ...]]:
-    """A light picture with 1–3 shapes of distinct kinds and colours, with gaps between them."""
+def draw_picture(rng: random.Random, size: int, max_shapes: int = 3) -> tuple[Image.Image, tuple[Shape, ...]]:
+    """A light picture with 1–`max_shapes` shapes of distinct kinds and colours, with gaps between them."""
     image = Image.new("RGB", (size, size), BACKGROUND)
-    wanted = rng.randint(1, 3)
+    wanted = rng.randint(1, max_shapes)
     kinds = rng.sample(KINDS, wanted)
     colours = rng.sample(list(PALETTE), wanted)
     low, high = max(6, round(size * 0.18)), max(8, round(size * 0.34))
@@ -151,13 +154,18 @@ def compare_question(first: Picture, second: Picture) -> tuple[str, str]:
     return "Which picture has more shapes?", answer
 
 
-def _ask_about(rng: random.Random, picture: Picture, number: int | None, asked: set[str]) -> tuple[str, str, str]:
-    """A question about one picture not asked yet in this conversation: (kind, question, answer)."""
+def _ask_about(
+    rng: random.Random, picture: Picture, number: int | None, asked: set[str], allowed: frozenset[str]
+) -> tuple[str, str, str] | None:
+    """A question of an `allowed` kind about one picture, not asked yet in this conversation:
+    (kind, question, answer); None when every such question has been asked."""
     options: list[tuple[str, tuple[str, str]]] = [("count", count_question(picture.shapes, number))]
     for shape in picture.shapes:
         options.append(("colour", colour_question(shape, number)))
         options.append(("grounding", grounding_question(shape, number)))
-    kinds = sorted({kind for kind, (question, _) in options if question not in asked})
+    kinds = sorted({kind for kind, (question, _) in options if question not in asked and kind in allowed})
+    if not kinds:
+        return None
     kind = rng.choice(kinds)
     question, answer = rng.choice([qa for k, qa in options if k == kind and qa[0] not in asked])
     asked.add(question)
@@ -171,51 +179,69 @@ def _ask_about(rng: random.Random, picture: Picture, number: int | None, asked: 
 class _Writer:
     """Draws pictures into `folder/images` with names `{split}-NNNNN.png`."""
 
-    def __init__(self, folder: Path, split: str, size: int):
-        self.folder, self.split, self.size = folder, split, size
+    def __init__(self, folder: Path, split: str, size: int, max_shapes: int = 3):
+        self.folder, self.split, self.size, self.max_shapes = folder, split, size, max_shapes
         self.count = 0
 
     def picture(self, rng: random.Random) -> Picture:
-        image, shapes = draw_picture(rng, self.size)
+        image, shapes = draw_picture(rng, self.size, self.max_shapes)
         path = f"images/{self.split}-{self.count:05d}.png"
         self.count += 1
         image.save(self.folder / path)
         return Picture(path, shapes)
 
 
-def make_sample(rng: random.Random, writer: _Writer, sample_id: str, kinds: dict[str, int]) -> dict:
-    """One conversation: three in four about a single picture (1–3 turns), the rest about two."""
+def make_sample(
+    rng: random.Random,
+    writer: _Writer,
+    sample_id: str,
+    kinds: dict[str, int],
+    allowed: frozenset[str] = frozenset(QUESTION_KINDS),
+) -> dict:
+    """One conversation: three in four about a single picture (1–3 turns), the rest about two. Only
+    questions of the `allowed` kinds are asked (only compare: every sample compares two pictures)."""
     turns: list[tuple[str, str]] = []
     asked: set[str] = set()
+    pending = ""  # picture markup not yet sent: it goes with the next question asked
 
-    def add(prefix: str, kind: str, question: str, answer: str) -> None:
-        turns.append((prefix + question, answer))
+    def add(prefix: str, question: tuple[str, str, str] | None) -> None:
+        nonlocal pending
+        if question is None:
+            pending += prefix
+            return
+        kind, text, answer = question
+        turns.append((pending + prefix + text, answer))
+        pending = ""
         kinds[kind] = kinds.get(kind, 0) + 1
 
-    if rng.random() < 0.75:
+    def compare(first: Picture, second: Picture) -> tuple[str, str, str] | None:
+        return ("compare", *compare_question(first, second)) if "compare" in allowed else None
+
+    two_pictures = allowed == {"compare"} or rng.random() >= 0.75
+    if not two_pictures:
         picture = writer.picture(rng)
         n_turns = rng.choices((1, 2, 3), weights=(5, 3, 2))[0]
         for turn in range(n_turns):
             prefix = picture_markup(1, picture.path) if turn == 0 else ""
-            add(prefix, *_ask_about(rng, picture, None, asked))
-    elif rng.random() < 0.6:  # both pictures in the first message
+            add(prefix, _ask_about(rng, picture, None, asked, allowed))
+    elif allowed == {"compare"} or rng.random() < 0.6:  # both pictures in the first message
         first, second = writer.picture(rng), writer.picture(rng)
         prefix = picture_markup(1, first.path) + picture_markup(2, second.path)
-        if rng.random() < 0.5:
-            add(prefix, "compare", *compare_question(first, second))
+        if allowed == {"compare"} or ("compare" in allowed and rng.random() < 0.5):
+            add(prefix, compare(first, second))
         else:
             number = rng.choice((1, 2))
-            add(prefix, *_ask_about(rng, (first, second)[number - 1], number, asked))
-        if rng.random() < 0.5:
+            add(prefix, _ask_about(rng, (first, second)[number - 1], number, asked, allowed))
+        if allowed != {"compare"} and rng.random() < 0.5:
             number = rng.choice((1, 2))
-            add("", *_ask_about(rng, (first, second)[number - 1], number, asked))
+            add("", _ask_about(rng, (first, second)[number - 1], number, asked, allowed))
     else:  # the second picture arrives in the second message, numbered on from the first
         first = writer.picture(rng)
-        add(picture_markup(1, first.path), *_ask_about(rng, first, None, asked))
+        add(picture_markup(1, first.path), _ask_about(rng, first, None, asked, allowed))
         second = writer.picture(rng)
-        add(picture_markup(2, second.path), *_ask_about(rng, second, 2, asked))
+        add(picture_markup(2, second.path), _ask_about(rng, second, 2, asked, allowed))
         if rng.random() < 0.5:
-            add("", "compare", *compare_question(first, second))
+            add("", compare(first, second))
     conversations = []
     for question, answer in turns:
         conversations.append({"from": "user", "value": question})
@@ -229,7 +255,21 @@ def split_sizes(n: int, eval_fraction: float) -> tuple[int, int]:
     return n - n_eval, n_eval
 
 
-def _check_arguments(output: Path, n: int, image_size: int, eval_fraction: float, force: bool) -> None:
+def _check_arguments(
+    output: Path, n: int, image_size: int, eval_fraction: float, force: bool, max_shapes: int, questions: Sequence[str]
+) -> None:
+    if not 1 <= max_shapes <= len(KINDS):
+        raise QwenvlError(
+            f"--max-shapes {max_shapes} is outside [1, {len(KINDS)}]",
+            f"Pictures hold 1 to {len(KINDS)} shapes (one of each kind); pick a number in that range",
+        )
+    unknown = [kind for kind in questions if kind not in QUESTION_KINDS]
+    if unknown or not questions:
+        raise QwenvlError(
+            f"--questions {','.join(questions) or '(empty)'} names "
+            + (f"unknown kinds: {', '.join(unknown)}" if unknown else "no kind"),
+            f"Give a comma-separated list of {', '.join(QUESTION_KINDS)}",
+        )
     if n < 2:
         raise QwenvlError(f"--n {n} is too small", "Ask for at least 2 samples: one for train.json, one for eval.json")
     if not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
@@ -259,16 +299,21 @@ def synthesize(
     eval_fraction: float = 0.1,
     force: bool = False,
     on_progress: SynthProgress | None = None,
+    max_shapes: int = 3,
+    questions: Sequence[str] = QUESTION_KINDS,
 ) -> SynthSummary:
     """Write `n` samples (split into train.json and eval.json) and their pictures into `output`.
 
     The files are built in a temporary folder beside `output` and moved in at the end, so an
     interrupted run leaves `output` as it was. With `force`, an existing train.json, eval.json and
-    images/ in `output` are replaced; other files there are left alone.
+    images/ in `output` are replaced; other files there are left alone. `max_shapes` caps the shapes per
+    picture (1 makes every colour question answerable from the picture's colours alone) and `questions`
+    limits the kinds asked.
     """
     started = time.perf_counter()
     output = Path(output)
-    _check_arguments(output, n, image_size, eval_fraction, force)
+    _check_arguments(output, n, image_size, eval_fraction, force, max_shapes, questions)
+    allowed = frozenset(questions)
     n_train, n_eval = split_sizes(n, eval_fraction)
     output.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.synth-", dir=output.parent))
@@ -280,10 +325,10 @@ def synthesize(
         for split, count in (("train", n_train), ("eval", n_eval)):
             # One random stream per split: the eval set of a seed does not depend on the train size.
             rng = random.Random(f"qwenvl-synth:{seed}:{split}")
-            writer = _Writer(scratch, split, image_size)
+            writer = _Writer(scratch, split, image_size, max_shapes)
             samples = []
             for index in range(count):
-                samples.append(make_sample(rng, writer, f"synth-{split}-{index:05d}", kinds))
+                samples.append(make_sample(rng, writer, f"synth-{split}-{index:05d}", kinds, allowed))
                 done += 1
                 if on_progress is not None:
                     on_progress(done, n)
@@ -299,10 +344,12 @@ def synthesize(
         eval_file=str(output / "eval.json"),
         seed=seed,
         image_size=image_size,
+        max_shapes=max_shapes,
+        question_kinds=[kind for kind in QUESTION_KINDS if kind in allowed],
         train_samples=n_train,
         eval_samples=n_eval,
         pictures=pictures,
-        questions={kind: kinds.get(kind, 0) for kind in ("colour", "count", "grounding", "compare")},
+        questions={kind: kinds.get(kind, 0) for kind in QUESTION_KINDS},
         elapsed_s=round(time.perf_counter() - started, 3),
     )
 
