@@ -47,6 +47,8 @@ WRITTEN = ("images", "train.json", "eval.json")  # what synth puts in its folder
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 4096
 QuestionKind = Literal["colour", "count", "grounding", "compare"]
 QUESTION_KINDS: tuple[str, ...] = ("colour", "count", "grounding", "compare")
+# side of a shape as a share of the picture's side (smallest, largest), by the most shapes a picture may hold
+SHAPE_SIDES: dict[int, tuple[float, float]] = {1: (0.35, 0.7), 2: (0.25, 0.45), 3: (0.18, 0.34)}
 
 # samples done, samples in all
 SynthProgress = Callable[[int, int], None]
@@ -89,7 +91,8 @@ def draw_picture(rng: random.Random, size: int, max_shapes: int = 3) -> tuple[Im
     wanted = rng.randint(1, max_shapes)
     kinds = rng.sample(KINDS, wanted)
     colours = rng.sample(list(PALETTE), wanted)
-    low, high = max(6, round(size * 0.18)), max(8, round(size * 0.34))
+    small, large = SHAPE_SIDES[max_shapes]  # fewer shapes, larger ones: room for them all, and easier to see
+    low, high = max(6, round(size * small)), max(8, round(size * large))
     gap, margin = max(2, size // 64), max(1, size // 112)
     placed: list[tuple[int, int, int, int]] = []
     shapes: list[Shape] = []
