@@ -308,6 +308,7 @@ class PrecisionChoice(str, Enum):
 class EngineChoice(str, Enum):
     ddp = "ddp"
     deepspeed = "deepspeed"
+    fsdp = "fsdp"
 
 
 class ReportTo(str, Enum):
@@ -372,15 +373,28 @@ def train_command(
         Path | None, typer.Option(help="YAML file with any of these options (flags given here win).")
     ] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the resolved plan and exit.")] = False,
-    engine: Annotated[EngineChoice, typer.Option(help="ddp, or deepspeed (ZeRO, see --zero and --offload).")] = (
-        EngineChoice.ddp
-    ),
+    engine: Annotated[
+        EngineChoice, typer.Option(help="ddp; deepspeed (ZeRO, see --zero and --offload); fsdp (full sharding).")
+    ] = EngineChoice.ddp,
     zero: Annotated[int, typer.Option(help="DeepSpeed ZeRO stage: 2 or 3.", min=2, max=3)] = 2,
     offload: Annotated[
-        bool, typer.Option(help="DeepSpeed: keep optimizer states (and, with ZeRO-3, parameters) in CPU memory.")
+        bool,
+        typer.Option(help="DeepSpeed: optimizer states (ZeRO-3: parameters too) in CPU memory; FSDP: parameters."),
     ] = False,
     gpus: Annotated[int, typer.Option(help="GPUs on this machine: N > 1 re-launches with torchrun (DDP).", min=1)] = 1,
     nproc: Annotated[int, typer.Option(help="CPU processes (DDP over gloo), for machines without GPUs.", min=1)] = 1,
+    nnodes: Annotated[int, typer.Option(help="Machines in all; run the same command on each.", min=1)] = 1,
+    node_rank: Annotated[int, typer.Option(help="This machine's number, 0 … --nnodes − 1.", min=0)] = 0,
+    master_addr: Annotated[
+        str | None, typer.Option(help="Address of node 0, the same on every node (several machines).")
+    ] = None,
+    master_port: Annotated[
+        int | None, typer.Option(help="Port on node 0 for the rendezvous (default 29500 across machines).")
+    ] = None,
+    hostfile: Annotated[
+        Path | None,
+        typer.Option(help="DeepSpeed hostfile (`host slots=N` lines): start every machine from here over ssh."),
+    ] = None,
 ) -> None:
     """Fine-tune a Qwen-VL model: full, LoRA or Q-LoRA, with the method rules checked first.
 
@@ -394,33 +408,53 @@ def train_command(
       qwenvl train --method qlora --model ./Qwen-VL-Chat-Int4 --data train.json --precision fp16
       qwenvl train --config run.yaml --resume auto
       qwenvl train --gpus 4 --model ./Qwen-VL-Chat --data train.json   # DDP over 4 GPUs
+      qwenvl train --gpus 8 --engine fsdp --method full --model ./Qwen-VL-Chat --data train.json
+      qwenvl train --gpus 8 --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 --output /shared/run ...  # each node
+      qwenvl train --hostfile hosts.txt --engine deepspeed --zero 3 --output /shared/run ...
     """
     from .render import render_train_result, train_progress
     from .train.runner import TrainOptions, run_training
 
-    values = {name: value for name, value in ctx.params.items() if name not in ("config", "gpus", "nproc")}
+    launch_options = ("gpus", "nproc", "nnodes", "node_rank", "master_addr", "master_port", "hostfile")
+    values = {name: value for name, value in ctx.params.items() if name not in ("config", *launch_options)}
     if config is not None:
         values = _merge_config(ctx, values, config)
     values = {k: (v.value if isinstance(v, Enum) else v) for k, v in values.items()}
     if isinstance(values.get("lora_targets"), str):
         values["lora_targets"] = [name.strip() for name in values["lora_targets"].split(",") if name.strip()]
     options = TrainOptions(**values)
-    processes = max(gpus, nproc)
-    if processes > 1 and not dry_run:
-        from .train.launch import is_launched, relaunch
+    from .train.launch import LaunchPlan, check_plan, is_launched
+
+    plan = LaunchPlan(max(gpus, nproc), gpus > 1, nnodes, node_rank, master_addr, master_port, hostfile)
+    if not is_launched():
+        check_plan(plan, output_given=options.output is not None)
+    if dry_run:
+        with train_progress(stderr) as hook:
+            result = run_training(options, hook)
+        render_train_result(result, stdout, _planned_command(plan, options, set(ctx.params)))
+        return
+    if plan.needed and not is_launched():
+        from .train.launch import relaunch, train_argv
         from .train.runner import resolve_defaults
 
-        if not is_launched():
-            resolved = resolve_defaults(options)
-            stderr.print(f"launching {processes} processes with torchrun ({'GPUs' if gpus > 1 else 'CPU, gloo'})")
-            code = relaunch(processes, sys.argv[2:], resolved.model, resolved.data, resolved.output, gpus > 1)
-            raise typer.Exit(code)
+        stderr.print(f"launching {plan.describe()}")
+        code = relaunch(plan, train_argv(resolve_defaults(options), set(ctx.params)))
+        raise typer.Exit(code)
     with train_progress(stderr) as hook:
         result = run_training(options, hook)
     from .train.launch import world
 
     if world()[0] == 0:
         render_train_result(result, stdout)
+
+
+def _planned_command(plan, options, known: set[str]) -> str:
+    """What `qwenvl train` will run: itself, or the launcher that starts it in every process."""
+    from .train.launch import launch_command, shown, train_argv
+    from .train.runner import resolve_defaults
+
+    args = train_argv(resolve_defaults(options), known)
+    return shown(launch_command(plan, args) if plan.needed else ["qwenvl", "train", *args])
 
 
 def _merge_config(ctx: typer.Context, values: dict, config: Path) -> dict:

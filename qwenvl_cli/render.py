@@ -226,12 +226,12 @@ def train_progress(console: Console):
             yield hook
 
 
-def render_train_result(result, console: Console) -> None:
+def render_train_result(result, console: Console, command: str | None = None) -> None:
     table = Table(box=None, show_header=False, padding=(0, 2))
-    table.add_column(style="bold")
-    table.add_column()
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")  # paths and the command wrap, never cut
     rows = [
-        ("method", f"{result.method} ({result.precision})"),
+        ("method", f"{result.method} ({result.precision}, {result.engine})"),
         ("model", result.model),
         (
             "data",
@@ -250,6 +250,8 @@ def render_train_result(result, console: Console) -> None:
         for note in result.notes:
             rows.append(("note", note))
         rows.append(("output", result.output))
+        if command:
+            rows.append(("command", command))
         for key, value in rows:
             table.add_row(key, escape(str(value)))
         console.print("[bold]qwenvl train --dry-run[/]: the plan, nothing loaded or written")

@@ -1,26 +1,70 @@
-"""Several processes on one machine: `qwenvl train --gpus N` (or `--nproc N` on a CPU) re-launches
-itself through torchrun, each process running the same training with DDP (NCCL on GPUs, gloo on CPUs).
+"""Several processes: `qwenvl train --gpus N` (or `--nproc N` on a CPU) re-launches itself through torchrun,
+each process running the same training with DDP/DeepSpeed/FSDP (NCCL on GPUs, gloo on CPUs).
+
+Several machines, two ways:
+
+- torchrun on every node: the same command on each machine with `--nnodes N --node-rank R --master-addr
+  <node 0's address> --master-port P` (static rendezvous: node 0 listens on P, the others connect to it);
+- the DeepSpeed launcher, started once: `--hostfile FILE` (lines `hostname slots=GPUS`) reaches the other
+  machines over ssh (pdsh) and starts `qwenvl train` on each.
 
 The parent resolves everything the processes must agree on (the model folder, the data file, the run
 folder) before launching, so that the built-in model is built once and every rank writes to one place.
+With several machines the run folder must be on storage they share; global rank 0 writes it.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import QwenvlError
 
-# Options that only the parent reads.
-LAUNCH_FLAGS = ("--gpus", "--nproc")
+# Options that only the parent reads (with a value each).
+LAUNCH_FLAGS = ("--gpus", "--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port", "--hostfile")
+DEFAULT_MASTER_PORT = 29500  # torchrun's default; several nodes must agree on it
+_HOST_LINE = re.compile(r"^(?P<host>[A-Za-z0-9_.\-\[\]:]+)\s+slots\s*=\s*(?P<slots>\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """How many processes where: `processes` per node on `nnodes` nodes, or the hosts of a hostfile."""
+
+    processes: int = 1
+    gpus: bool = False
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+    hostfile: Path | None = None
+
+    @property
+    def needed(self) -> bool:
+        """Whether this plan takes a launcher (more than one process, or another machine)."""
+        return self.processes > 1 or self.nnodes > 1 or self.hostfile is not None
+
+    def describe(self) -> str:
+        if self.hostfile is not None:
+            hosts = read_hostfile(self.hostfile)
+            slots = sum(n for _, n in hosts)
+            return f"{slots} processes on {len(hosts)} host(s) of {self.hostfile} with the DeepSpeed launcher"
+        where = "GPUs" if self.gpus else "CPU, gloo"
+        if self.nnodes > 1:
+            return (
+                f"{self.processes} processes on node {self.node_rank} of {self.nnodes} with torchrun ({where}), "
+                f"rendezvous at {self.master_addr}:{self.master_port or DEFAULT_MASTER_PORT}"
+            )
+        return f"{self.processes} processes with torchrun ({where})"
 
 
 def is_launched() -> bool:
-    """True inside a process that torchrun started."""
+    """True inside a process that torchrun (or the DeepSpeed launcher) started."""
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
@@ -35,8 +79,62 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def read_hostfile(path: Path) -> list[tuple[str, int]]:
+    """(host, slots) per line of a DeepSpeed hostfile; blank lines and `#` comments are skipped."""
+    try:
+        text = Path(path).read_text("utf-8")
+    except OSError as exc:
+        raise QwenvlError(
+            f"cannot read the hostfile {path} ({exc.strerror or exc})",
+            "Pass a file with one `hostname slots=GPUS` line per machine",
+        ) from None
+    hosts: list[tuple[str, int]] = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = _HOST_LINE.match(line)
+        if match is None or int(match["slots"]) < 1:
+            raise QwenvlError(
+                f"{path} line {number} is not `hostname slots=N` with N ≥ 1: {raw.strip()!r}",
+                "Write one machine per line, e.g. `worker-1 slots=8`",
+            )
+        hosts.append((match["host"], int(match["slots"])))
+    if not hosts:
+        raise QwenvlError(f"the hostfile {path} names no machine", "Add one `hostname slots=GPUS` line per machine")
+    return hosts
+
+
+def check_plan(plan: LaunchPlan, output_given: bool) -> None:
+    """Refuse launch settings that cannot work, before anything is loaded."""
+    if plan.hostfile is not None and plan.nnodes > 1:
+        raise QwenvlError(
+            "--hostfile and --nnodes are two ways to reach several machines, and both were given",
+            "Use --hostfile (the DeepSpeed launcher starts every node), or --nnodes/--node-rank on each node",
+        )
+    if plan.hostfile is not None:
+        read_hostfile(plan.hostfile)
+    if not 0 <= plan.node_rank < plan.nnodes:
+        raise QwenvlError(
+            f"--node-rank {plan.node_rank} is outside 0..{plan.nnodes - 1} for --nnodes {plan.nnodes}",
+            "Number the machines 0, 1, … --nnodes − 1; node 0 is the one at --master-addr",
+        )
+    if plan.nnodes > 1 and not plan.master_addr:
+        raise QwenvlError(
+            f"--nnodes {plan.nnodes} needs --master-addr",
+            "Give every node the address of node 0 (e.g. --master-addr 10.0.0.1), and the same --master-port",
+        )
+    if (plan.nnodes > 1 or plan.hostfile is not None) and not output_given:
+        raise QwenvlError(
+            "several machines need one run folder, and no --output was given",
+            "Pass --output on storage every machine shares (the default name has the start time in it)",
+        )
+    if plan.master_port is not None and not 1 <= plan.master_port <= 65535:
+        raise QwenvlError(f"--master-port {plan.master_port} is not a port number", "Pick a port in 1..65535")
+
+
 def strip_launch_flags(argv: list[str]) -> list[str]:
-    """The command line without --gpus/--nproc (and their values)."""
+    """The command line without the launch options (and their values)."""
     out: list[str] = []
     skip = False
     for arg in argv:
@@ -52,17 +150,31 @@ def strip_launch_flags(argv: list[str]) -> list[str]:
     return out
 
 
-def launch_command(processes: int, train_args: list[str], port: int | None = None) -> list[str]:
+def launch_command(plan: LaunchPlan, train_args: list[str]) -> list[str]:
+    """The launcher's command line that runs `qwenvl train <train_args>` as `plan` says."""
+    if plan.hostfile is not None:
+        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(plan.hostfile)]
+        if plan.master_addr:
+            command += ["--master_addr", plan.master_addr]
+        command += ["--master_port", str(plan.master_port or DEFAULT_MASTER_PORT)]
+        # LOCAL_RANK arrives in the environment; `--local_rank=N` would be an unknown option of `qwenvl train`
+        return [*command, "--no_local_rank", "--module", "qwenvl_cli", "train", *train_args]
+    several = plan.nnodes > 1
+    port = plan.master_port or (DEFAULT_MASTER_PORT if several else free_port())
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--nnodes",
+        str(plan.nnodes),
+        "--node_rank",
+        str(plan.node_rank),
         "--nproc_per_node",
-        str(processes),
+        str(plan.processes),
         "--master_addr",
-        "127.0.0.1",
+        plan.master_addr or "127.0.0.1",
         "--master_port",
-        str(port or free_port()),
+        str(port),
         "-m",
         "qwenvl_cli",
         "train",
@@ -70,22 +182,48 @@ def launch_command(processes: int, train_args: list[str], port: int | None = Non
     ]
 
 
-def relaunch(processes: int, argv: list[str], model: Path, data: Path, output: Path, gpus: bool) -> int:
-    """Run the training in `processes` processes; returns torchrun's exit code."""
-    if gpus:
+def train_argv(options, known: set[str] | frozenset[str]) -> list[str]:
+    """`qwenvl train`'s flags for resolved TrainOptions: the model, data and run folder always, every other
+    option where it differs from the default (flags of `known` option names only; never --dry-run). What
+    the launched processes get, and what --dry-run shows: the values a YAML --config set are spelled out."""
+    from .runner import TrainOptions
+
+    defaults = TrainOptions()
+    args: list[str] = []
+    for name in TrainOptions.model_fields:
+        value = getattr(options, name)
+        if name == "dry_run" or name not in known or value is None:
+            continue
+        if value == getattr(defaults, name) and name not in ("model", "data", "output"):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else f"--no-{flag[2:]}")
+            continue
+        args += [flag, ",".join(value) if isinstance(value, list) else str(value)]
+    return args
+
+
+def shown(command: list[str]) -> str:
+    """A command as one could paste it into a shell."""
+    return shlex.join(command)
+
+
+def relaunch(plan: LaunchPlan, args: list[str]) -> int:
+    """Run `qwenvl train <args>` as `plan` says; returns the launcher's exit code."""
+    if plan.gpus and plan.hostfile is None:
         import torch
 
         available = torch.cuda.device_count()
-        if available < processes:
+        if available < plan.processes:
             raise QwenvlError(
-                f"--gpus {processes} asks for more GPUs than this machine has ({available})",
+                f"--gpus {plan.processes} asks for more GPUs than this machine has ({available})",
                 "Lower --gpus, or use --nproc to run CPU processes",
             )
-    args = strip_launch_flags(argv)
-    for flag, value in (("--model", model), ("--data", data), ("--output", output)):
-        if flag not in args and not any(a.startswith(flag + "=") for a in args):
-            args += [flag, str(value)]
-    command = launch_command(processes, args)
+    command = launch_command(plan, args)
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
-    return subprocess.call(command, env=env)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(plan.processes, 1))))
+    try:
+        return subprocess.call(command, env=env)
+    except KeyboardInterrupt:
+        return 130

@@ -87,6 +87,7 @@ class TrainResult(BaseModel):
     data: str = ""
     method: str
     precision: str
+    engine: str = "ddp"
     notes: list[str]
     samples: int
     dropped_samples: int
@@ -291,6 +292,12 @@ def run_training(options: TrainOptions, on_event: EventHook | None = None) -> Tr
         train_vit=options.train_vit,
         gpu=gpu,
     )
+    if options.engine == "fsdp" and not gpu and not options.dry_run:
+        raise QwenvlError(
+            "--engine fsdp needs GPUs: accelerate shards with FSDP over CUDA devices only, and would quietly run "
+            "CPU processes as plain DDP",
+            "On this machine use --engine ddp, or --engine deepspeed --zero 3 to shard (it runs on CPUs too)",
+        )
     tokenizer = QwenVLTokenizer.from_pretrained(model_dir)
     template = ChatTemplate(tokenizer)
     image_root = options.image_root or Path(options.data).resolve().parent
@@ -329,6 +336,7 @@ def run_training(options: TrainOptions, on_event: EventHook | None = None) -> Tr
         data=str(options.data),
         method=rules.method,
         precision=rules.precision,
+        engine=_engine_text(options),
         notes=rules.notes,
         samples=len(prepared.samples),
         dropped_samples=prepared.dropped_too_long,
@@ -345,7 +353,7 @@ def run_training(options: TrainOptions, on_event: EventHook | None = None) -> Tr
     if rank == 0:
         checkpoints.mkdir(parents=True, exist_ok=True)
         (checkpoints / RUN_IDENTITY).write_text(json.dumps(identity, indent=2) + "\n", "utf-8")
-    if options.gradient_checkpointing:
+    if options.gradient_checkpointing and options.engine != "fsdp":  # FSDP checkpoints its own wrapped blocks
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
@@ -382,6 +390,8 @@ def run_training(options: TrainOptions, on_event: EventHook | None = None) -> Tr
     if options.engine == "deepspeed":
         # Under ZeRO-3 every rank holds a shard: gather the whole state (a collective, so on every rank).
         state_dict = trainer.accelerator.get_state_dict(trainer.deepspeed)
+    elif options.engine == "fsdp":
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)  # gathered the same way
     if rank == 0:  # rank 0 writes the run folder
         result.loss_curve = _finish(
             model, output, model_dir, rules, quant, options, prepared, identity, result, losses, generation, state_dict
@@ -389,6 +399,14 @@ def run_training(options: TrainOptions, on_event: EventHook | None = None) -> Tr
     _leave_process_group()
     emit("done", result.model_dump())
     return result
+
+
+def _engine_text(options: TrainOptions) -> str:
+    if options.engine == "deepspeed":
+        return f"DeepSpeed ZeRO-{options.zero}" + (" + CPU offload" if options.offload else "")
+    if options.engine == "fsdp":
+        return "FSDP full shard" + (" + CPU offload" if options.offload else "")
+    return "DDP"
 
 
 def _leave_process_group() -> None:
@@ -495,6 +513,8 @@ def _trainer(model, options, rules, samples, config, tokenizer, image_root, chec
         ddp_find_unused_parameters=False,  # every trainable parameter is used (text-only batches touch the ViT)
         report_to=options.report_to,
         deepspeed=deepspeed_config(options, rules) if options.engine == "deepspeed" else None,
+        fsdp=options.engine == "fsdp",
+        fsdp_config=fsdp_config(options) if options.engine == "fsdp" else None,
         seed=options.seed,
         dataloader_num_workers=options.workers,
         remove_unused_columns=False,
@@ -516,6 +536,25 @@ def _trainer(model, options, rules, samples, config, tokenizer, image_root, chec
     trainer_ref = [trainer]
     trainer.remove_callback(PrinterCallback)  # progress is reported through `emit`
     return trainer
+
+
+# The blocks FSDP shards and gathers one at a time: the language model's and the vision tower's.
+FSDP_WRAPPED = ["QwenBlock", "VisionBlock"]
+
+
+def fsdp_config(options: TrainOptions) -> dict:
+    """FSDP (version 2) settings for the Trainer: every language and vision block its own shard unit, a
+    full (gathered) state dict for saving, CPU offload with --offload, activation checkpointing per block
+    with --gradient-checkpointing (FSDP's own, which avoids a second all-gather in the backward pass)."""
+    return {
+        "version": 2,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "transformer_layer_cls_to_wrap": list(FSDP_WRAPPED),
+        "reshard_after_forward": True,
+        "state_dict_type": "FULL_STATE_DICT",
+        "cpu_offload": options.offload,
+        "activation_checkpointing": options.gradient_checkpointing,
+    }
 
 
 def deepspeed_config(options: TrainOptions, rules: ResolvedRules) -> dict:
