@@ -354,6 +354,9 @@ def train_command(
     ] = "c_attn,attn.c_proj,w1,w2",
     train_vit: Annotated[bool, typer.Option(help="full: also train the ViT.")] = False,
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations to save memory.")] = False,
+    packing: Annotated[
+        bool, typer.Option(help="Several samples per row of --max-length tokens, each attending to itself only.")
+    ] = False,
     resume: Annotated[
         str | None, typer.Option(help="auto: continue from the newest complete checkpoint; or a checkpoint folder.")
     ] = None,

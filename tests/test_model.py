@@ -239,6 +239,44 @@ def test_right_padded_batch_equals_unbatched_runs(model, tokenizer):
     torch.testing.assert_close(together[1, : len(long)], alone_long[0], atol=1e-5, rtol=0)
 
 
+def test_a_packed_row_equals_its_samples_run_alone(model, tokenizer):
+    """Two samples end to end in one row (positions restarting, the mask numbering them 1 and 2) give each
+    sample the logits and the loss it has alone; a second row holds a single, padded sample."""
+    first, first_labels, first_pixels, _ = picture_sample(tokenizer, "What colour is it?", "Blue.", pictures=2)
+    second, second_labels, second_pixels, _ = picture_sample(tokenizer, "How many?", "Two.", pictures=1)
+    a, b = first.shape[1], second.shape[1]
+    width = a + b + 3
+    ids = torch.full((2, width), tokenizer.eod_id)
+    labels = torch.full((2, width), IGNORE_INDEX)
+    positions = torch.zeros((2, width), dtype=torch.long)
+    segments = torch.zeros((2, width), dtype=torch.long)
+    ids[0, :a], ids[0, a : a + b] = first[0], second[0]
+    labels[0, :a], labels[0, a : a + b] = first_labels[0], second_labels[0]
+    positions[0, :a], positions[0, a : a + b] = torch.arange(a), torch.arange(b)
+    segments[0, :a], segments[0, a : a + b] = 1, 2
+    labels[0, a] = IGNORE_INDEX  # a sample's first token is never predicted (as packed rows are built)
+    ids[1, :b], labels[1, :b], positions[1, :b], segments[1, :b] = second[0], second_labels[0], torch.arange(b), 1
+    pixels = torch.cat([first_pixels, second_pixels, second_pixels])
+    with torch.no_grad():
+        packed = model(
+            input_ids=ids, attention_mask=segments, position_ids=positions, pixel_values=pixels, labels=labels,
+            use_cache=False,
+        )  # fmt: skip
+        alone_first = model(input_ids=first, pixel_values=first_pixels, labels=first_labels, use_cache=False)
+        alone_second = model(input_ids=second, pixel_values=second_pixels, labels=second_labels, use_cache=False)
+    torch.testing.assert_close(packed.logits[0, :a], alone_first.logits[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed.logits[0, a : a + b], alone_second.logits[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed.logits[1, :b], alone_second.logits[0], atol=1e-5, rtol=0)
+    # the loss is the mean over every supervised token of the batch, whichever row holds it
+    n1, n2 = int((first_labels[0, 1:] != IGNORE_INDEX).sum()), int((second_labels[0, 1:] != IGNORE_INDEX).sum())
+    expected = (alone_first.loss * n1 + 2 * alone_second.loss * n2) / (n1 + 2 * n2)
+    torch.testing.assert_close(packed.loss, expected, atol=1e-5, rtol=0)
+    # without the sample numbers the second sample would see the first: the logits differ
+    with torch.no_grad():
+        leaky = model(input_ids=ids[:1], position_ids=positions[:1], pixel_values=pixels[:3], use_cache=False)
+    assert (leaky.logits[0, a : a + b] - alone_second.logits[0]).abs().max() > 1e-3
+
+
 def test_left_padding_gives_no_nan(model, tokenizer):
     ids = torch.tensor([[tokenizer.eod_id] * 4 + tokenizer.encode("Hello there")])
     mask = torch.tensor([[0] * 4 + [1] * (ids.shape[1] - 4)])

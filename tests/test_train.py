@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -360,3 +361,64 @@ def test_cli_lora_targets(models, data, tmp_path):
     assert result.exit_code == 0, result.output
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["target_modules"] == ["c_attn"]
+
+
+# --- packing --------------------------------------------------------------------------------------------
+
+
+def test_pack_rows_best_fit_decreasing():
+    from qwenvl_cli.train.data import pack_rows
+
+    lengths = [900, 300, 700, 100, 1000, 200, 500, 300]
+    rows = pack_rows(lengths, 1000)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))  # each sample once
+    assert all(sum(lengths[i] for i in row) <= 1000 for row in rows)
+    assert len(rows) == 4  # 4000 tokens in rows of 1000: no row wasted
+    assert all(row == sorted(row) for row in rows) and pack_rows(lengths, 1000) == rows
+    with pytest.raises(ValueError, match="more than a row's 1000"):
+        pack_rows([1001], 1000)
+
+
+def test_packed_rows_number_samples_restart_positions_and_unlabel_each_first_token(models, data):
+    from qwenvl_cli.model.processor import PaddingCollator
+    from qwenvl_cli.model.template import IGNORE_INDEX, ChatTemplate
+    from qwenvl_cli.model.tokenizer import QwenVLTokenizer
+    from qwenvl_cli.train.data import PackedDataset, prepare_samples
+
+    template = ChatTemplate(QwenVLTokenizer.from_pretrained(models / "tiny"))
+    samples = prepare_samples(data, template, 2048, data.parent, False).samples
+    dataset = PackedDataset(samples, 2048, 56, data.parent)
+    assert len(dataset) < len(samples)
+    row = max(range(len(dataset)), key=lambda i: len(dataset.rows[i]))
+    item = dataset[row]
+    members = [samples[i] for i in dataset.rows[row]]
+    starts = [0]
+    for member in members:
+        starts.append(starts[-1] + len(member.input_ids))
+    assert item["input_ids"].tolist() == [t for m in members for t in m.input_ids]
+    for number, (member, start) in enumerate(zip(members, starts, strict=False), 1):
+        span = slice(start, start + len(member.input_ids))
+        assert item["segments"][span].tolist() == [number] * len(member.input_ids)
+        assert item["position_ids"][span].tolist() == list(range(len(member.input_ids)))
+        assert item["labels"][span].tolist()[1:] == member.labels[1:]
+        assert number == 1 or item["labels"][start] == IGNORE_INDEX
+    pictures = sum(len(m.image_paths) for m in members)
+    assert (item["pixel_values"] is None and pictures == 0) or item["pixel_values"].shape[0] == pictures
+    batch = PaddingCollator(template.tokenizer.eod_id)([item, dataset[(row + 1) % len(dataset)]])
+    assert batch["input_ids"].shape[1] % 8 == 0 and batch["position_ids"].shape == batch["input_ids"].shape
+    assert batch["attention_mask"][0, : len(item["input_ids"])].tolist() == item["segments"].tolist()
+
+
+def test_training_with_packing(models, data, tmp_path):
+    events = []
+    result = run_training(options(models, data, tmp_path / "run", packing=True, epochs=1.0, max_steps=-1),
+                          lambda kind, payload: events.append((kind, payload)))  # fmt: skip
+    plain = run_training(options(models, data, tmp_path / "plain", epochs=1.0, max_steps=-1))
+    assert result.global_step < plain.global_step  # fewer rows than samples, one row per step
+    assert result.final_loss is not None and math.isfinite(result.final_loss)
+    note = next(n for n in result.notes if n.startswith("packing:"))
+    assert f"{result.samples} samples in" in note
+    start = next(payload for kind, payload in events if kind == "start")
+    assert note in start["notes"]
+    manifest = RunManifest.model_validate_json((tmp_path / "run" / "qwenvl_run.json").read_text())
+    assert manifest.arguments["packing"] is True

@@ -59,7 +59,7 @@ class RotaryEmbedding(nn.Module):
         base = self.base * alpha ** (self.dim / (self.dim - 2))
         exponents = torch.arange(0, self.dim, 2, device=positions.device).float() / self.dim
         inv_freq = 1.0 / (base**exponents)
-        freqs = torch.outer(positions.float(), inv_freq)
+        freqs = positions.float()[..., None] * inv_freq  # (seq, dim/2), or (batch, seq, dim/2) per row
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 
@@ -70,9 +70,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, seq, heads, head_dim); cos/sin: (seq, rot_dim). Computed in fp32, returned in x's dtype."""
+    """x: (batch, seq, heads, head_dim); cos/sin: (seq, rot_dim), or (batch, seq, rot_dim) when every row has
+    positions of its own (packed rows). Computed in fp32, returned in x's dtype."""
     rot_dim = cos.shape[-1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    if cos.dim() == 2:
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    else:
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     x32 = x.float()
     rotated, rest = x32[..., :rot_dim], x32[..., rot_dim:]
     rotated = rotated * cos + rotate_half(rotated) * sin
@@ -180,17 +184,24 @@ class QwenModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         cache: DynamicCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`position_ids` (batch, seq), for packed rows whose samples each start at position 0; without
+        them positions count on from the cache. An `attention_mask` may number the samples of a packed row
+        (1, 2, …; 0 is padding): a token then sees only earlier tokens of its own sample."""
         hidden = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
         batch, seq = hidden.shape[:2]
         past = cache.get_seq_length() if cache is not None else 0
-        positions = torch.arange(past, past + seq, device=hidden.device)
+        default_positions = torch.arange(past, past + seq, device=hidden.device)
+        positions = position_ids.to(hidden.device) if position_ids is not None else default_positions
 
         config = self.config
         if config.use_dynamic_ntk and past == 0 and not self.training:
             self.rotary_emb.ntk_alpha_cached = ntk_alpha(seq, config.seq_length)
         cos, sin = self.rotary_emb(positions, self.rotary_emb.ntk_alpha_cached)
-        logn = logn_scale(positions, config.seq_length) if config.use_logn_attn and not self.training else None
+        logn = None
+        if config.use_logn_attn and not self.training and position_ids is None:
+            logn = logn_scale(positions, config.seq_length)
         mask = attention_mask_4d(attention_mask, batch, seq, past, hidden.device)
 
         hidden = self.drop(hidden)
@@ -240,10 +251,12 @@ class QwenModel(nn.Module):
 def attention_mask_4d(
     attention_mask: torch.Tensor | None, batch: int, seq: int, past: int, device: torch.device
 ) -> torch.Tensor | None:
-    """Boolean (batch, 1, seq, past+seq) mask: causal, and padded keys hidden. None when plain causal
-    attention does (no padding and no cache, or a single new token without padding)."""
+    """Boolean (batch, 1, seq, past+seq) mask: causal, and padded keys hidden (and, where the mask numbers
+    the samples of packed rows, other samples' keys too). None when plain causal attention does (no padding
+    and no cache, or a single new token without padding)."""
     total = past + seq
-    if attention_mask is not None:
+    packed = attention_mask is not None and bool((attention_mask > 1).any())
+    if attention_mask is not None and not packed:
         if attention_mask.shape[1] == seq and past:
             attention_mask = F.pad(attention_mask, (past, 0), value=1)
         if bool(attention_mask[:, :total].all()):
@@ -253,8 +266,13 @@ def attention_mask_4d(
     query_pos = torch.arange(past, total, device=device)[:, None]
     causal = torch.arange(total, device=device)[None, :] <= query_pos
     mask = causal[None, None].expand(batch, 1, seq, total)
-    if attention_mask is not None:
+    if packed:  # sample numbers: a query sees the keys of its own sample only
+        segments = attention_mask[:, :total]
+        same = segments[:, None, past:, None] == segments[:, None, None, :]
+        mask = mask & same & (segments[:, None, None, :] > 0)
+    elif attention_mask is not None:
         mask = mask & attention_mask[:, None, None, :total].bool()
+    if attention_mask is not None:
         # A query with no visible key (left padding) attends to itself: its output is never used,
         # and an all-masked row would turn into NaN.
         empty = ~mask.any(dim=-1, keepdim=True)
@@ -329,6 +347,7 @@ class QwenVLForCausalLM(QwenVLPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         return_dict: bool | None = None,
+        position_ids: torch.Tensor | None = None,
         **unused,
     ) -> CausalLMOutputWithPast:
         """`pixel_values` (n_images, 3, S, S) holds the batch's pictures in the order their `<img>` tokens
@@ -340,7 +359,7 @@ class QwenVLForCausalLM(QwenVLPreTrainedModel, GenerationMixin):
             cache = DynamicCache()
         if not use_cache:
             cache = None
-        hidden = self.transformer(input_ids, attention_mask, pixel_values, cache, inputs_embeds)
+        hidden = self.transformer(input_ids, attention_mask, pixel_values, cache, inputs_embeds, position_ids)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)

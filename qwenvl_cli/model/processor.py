@@ -76,7 +76,8 @@ class QwenVLProcessor:
 
 
 class PaddingCollator:
-    """Right-pads to the batch's longest sample rounded up to a multiple of 8; pictures in row order."""
+    """Right-pads to the batch's longest sample rounded up to a multiple of 8; pictures in row order. Packed
+    rows (items with `segments` and `position_ids`) keep their sample numbers as the attention mask."""
 
     def __init__(self, pad_id: int, multiple: int = 8):
         self.pad_id = pad_id
@@ -88,15 +89,21 @@ class PaddingCollator:
         input_ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+        packed = "segments" in items[0]  # rows of several samples (train --packing)
+        position_ids = torch.zeros((len(items), width), dtype=torch.long) if packed else None
         pictures = []
         for row, item in enumerate(items):
             n = len(item["input_ids"])
             input_ids[row, :n] = item["input_ids"]
             labels[row, :n] = item["labels"]
-            attention_mask[row, :n] = 1
+            attention_mask[row, :n] = item["segments"] if packed else 1
+            if position_ids is not None:
+                position_ids[row, :n] = item["position_ids"]
             if item["pixel_values"] is not None:
                 pictures.append(item["pixel_values"])
         batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        if position_ids is not None:
+            batch["position_ids"] = position_ids
         if pictures:
             batch["pixel_values"] = torch.cat(pictures)
         return batch

@@ -34,7 +34,7 @@ from ..model.processor import PaddingCollator
 from ..model.template import ChatTemplate
 from ..model.tokenizer import VOCAB_FILE, QwenVLTokenizer
 from ..schemas import RunManifest
-from .data import ConversationDataset, file_sha256, prepare_samples
+from .data import ConversationDataset, PackedDataset, file_sha256, pack_rows, prepare_samples
 from .presets import LORA_TARGETS, PRESETS, ResolvedRules, resolve_rules
 
 RUN_MANIFEST = "qwenvl_run.json"
@@ -65,6 +65,7 @@ class TrainOptions(BaseModel):
     lora_targets: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
     train_vit: bool = False
     gradient_checkpointing: bool = False
+    packing: bool = False  # several samples per row of --max-length tokens, each in its own attention span
     resume: str | None = None  # "auto" or a checkpoint folder
     seed: int = 42
     save_steps: int = 100
@@ -156,6 +157,7 @@ def _identity(options: TrainOptions, model_dir: Path, rules: ResolvedRules, data
         "data_file": str(options.data.resolve()),
         "data_sha256": data_sha,
         "max_length": options.max_length,
+        "packing": options.packing,
         "lora_r": options.lora_r if PRESETS[rules.method].lora else None,
         "lora_targets": options.lora_targets if PRESETS[rules.method].lora else None,
     }
@@ -365,7 +367,7 @@ def run_training(options: TrainOptions, on_event: EventHook | None = None) -> Tr
         {
             "samples": len(prepared.samples),
             "dropped": prepared.dropped_too_long,
-            "notes": rules.notes,
+            "notes": result.notes,
             "trainable": trainable,
             "total": total,
             "resume": str(resume_from) if resume_from else None,
@@ -444,6 +446,15 @@ def _trainer(model, options, rules, samples, config, tokenizer, image_root, chec
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
+    rows = None
+    if options.packing:
+        lengths = [len(sample.input_ids) for sample in samples]
+        rows = pack_rows(lengths, options.max_length)
+        fill = sum(lengths) / (len(rows) * options.max_length)
+        result.notes.append(
+            f"packing: {len(samples):,} samples in {len(rows):,} rows of up to {options.max_length} tokens "
+            f"({fill:.0%} full); --batch-size counts rows"
+        )
     if options.report_to == "tensorboard":
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(options.output) / "tensorboard")
 
@@ -457,7 +468,7 @@ def _trainer(model, options, rules, samples, config, tokenizer, image_root, chec
             tick = time.perf_counter()
             loss = super().training_step(model, inputs, *args, **kwargs)
             self.qwenvl_seconds += time.perf_counter() - tick
-            self.qwenvl_tokens += int(inputs["attention_mask"].sum())
+            self.qwenvl_tokens += int((inputs["attention_mask"] > 0).sum())
             return loss
 
     class Events(TrainerCallback):
@@ -526,7 +537,9 @@ def _trainer(model, options, rules, samples, config, tokenizer, image_root, chec
     trainer = QwenVLTrainer(
         model=model,
         args=arguments,
-        train_dataset=ConversationDataset(samples, config.image_size, image_root),
+        train_dataset=PackedDataset(samples, options.max_length, config.image_size, image_root, rows)
+        if options.packing
+        else ConversationDataset(samples, config.image_size, image_root),
         eval_dataset=ConversationDataset(evaluation[0].samples, config.image_size, evaluation[1])
         if evaluation is not None
         else None,
