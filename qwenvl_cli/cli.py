@@ -305,6 +305,11 @@ class PrecisionChoice(str, Enum):
     fp32 = "fp32"
 
 
+class Recipe(str, Enum):
+    qwenvl = "qwenvl"
+    upstream = "upstream"
+
+
 class EngineChoice(str, Enum):
     ddp = "ddp"
     deepspeed = "deepspeed"
@@ -357,6 +362,10 @@ def train_command(
     packing: Annotated[
         bool, typer.Option(help="Several samples per row of --max-length tokens, each attending to itself only.")
     ] = False,
+    recipe: Annotated[
+        Recipe,
+        typer.Option(help="upstream: finetune.py's way (pad to --max-length, eager attention), for comparisons."),
+    ] = Recipe.qwenvl,
     resume: Annotated[
         str | None, typer.Option(help="auto: continue from the newest complete checkpoint; or a checkpoint folder.")
     ] = None,

@@ -263,7 +263,12 @@ def render_train_result(result, console: Console, command: str | None = None) ->
             f"{result.global_step:,}" + (f" (resumed from {result.resumed_from})" if result.resumed_from else ""),
         ),
         ("final loss", f"{result.final_loss:.4f}" if result.final_loss is not None else "—"),
-        ("time", f"{result.seconds:.1f} s · {result.tokens_per_second or 0:,.0f} tokens/s"),
+        (
+            "time",
+            f"{result.seconds:.1f} s · {result.samples_per_second or 0:,.2f} samples/s · "
+            f"{result.tokens_per_second or 0:,.0f} tokens/s"
+            + (f" · {result.padding_share:.0%} padding" if result.padding_share else ""),
+        ),
         ("output", result.output),
     ]
     if result.evaluations:

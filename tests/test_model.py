@@ -239,6 +239,26 @@ def test_right_padded_batch_equals_unbatched_runs(model, tokenizer):
     torch.testing.assert_close(together[1, : len(long)], alone_long[0], atol=1e-5, rtol=0)
 
 
+def test_training_scores_only_labelled_positions_with_the_same_loss_and_gradients(config, tokenizer):
+    """In training the lm_head runs on the labelled positions only; loss and gradients equal the loss over
+    the full logits (dropout is 0 in the tiny config, so train and eval forward passes agree)."""
+    ids, labels, pixels, _ = picture_sample(tokenizer)
+    model = small_model(config).train()
+    lm_head_rows = []
+    model.lm_head.register_forward_hook(lambda module, args, out: lm_head_rows.append(args[0].shape[:-1].numel()))
+    fast = model(input_ids=ids, labels=labels, pixel_values=pixels)
+    assert fast.logits is None and lm_head_rows == [int((labels[0, 1:] != IGNORE_INDEX).sum())]
+    fast.loss.backward()
+    fast_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    full_logits = model(input_ids=ids, pixel_values=pixels).logits
+    reference = torch.nn.functional.cross_entropy(full_logits[0, :-1], labels[0, 1:], ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(fast.loss, reference, atol=1e-6, rtol=1e-6)
+    reference.backward()
+    for name, grad in fast_grads.items():
+        torch.testing.assert_close(grad, model.get_parameter(name).grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_a_packed_row_equals_its_samples_run_alone(model, tokenizer):
     """Two samples end to end in one row (positions restarting, the mask numbering them 1 and 2) give each
     sample the logits and the loss it has alone; a second row holds a single, padded sample."""
@@ -347,3 +367,29 @@ def test_official_key_names(model):
     assert "transformer.h.0.attn.c_proj.bias" not in keys
     assert "transformer.h.0.mlp.w1.bias" not in keys
     assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
+
+
+def test_the_upstream_path_gives_the_same_loss_and_gradients(config, tokenizer):
+    """Eager attention and logits everywhere (for --recipe upstream) compute the same thing, more slowly."""
+    ids, labels, pixels, _ = picture_sample(tokenizer)
+    results = []
+    for upstream in (False, True):
+        model = small_model(config).train()
+        model.use_upstream_path(upstream)
+        out = model(input_ids=ids, labels=labels, pixel_values=pixels)
+        assert (out.logits is not None) == upstream
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=1e-6)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], atol=1e-6, rtol=1e-5, msg=name)
+    padded = small_model(config).eval()
+    padded.use_upstream_path()
+    width = ids.shape[1] + 8
+    batch = torch.cat([ids, torch.full((1, 8), tokenizer.eod_id)], dim=1)
+    mask = torch.cat([torch.ones_like(ids), torch.zeros(1, 8, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        eager = padded(input_ids=batch, attention_mask=mask, pixel_values=pixels, use_cache=False).logits
+        plain = small_model(config).eval()(input_ids=ids, pixel_values=pixels, use_cache=False).logits
+    assert eager.shape[1] == width
+    torch.testing.assert_close(eager[:, : ids.shape[1]], plain, atol=1e-5, rtol=0)

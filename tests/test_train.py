@@ -422,3 +422,12 @@ def test_training_with_packing(models, data, tmp_path):
     assert note in start["notes"]
     manifest = RunManifest.model_validate_json((tmp_path / "run" / "qwenvl_run.json").read_text())
     assert manifest.arguments["packing"] is True
+
+
+def test_upstream_recipe_pads_every_sample_to_max_length_and_refuses_packing(models, data, tmp_path):
+    upstream = run_training(options(models, data, tmp_path / "up", recipe="upstream", max_length=1024, max_steps=2))
+    ours = run_training(options(models, data, tmp_path / "ours", max_length=1024, max_steps=2))
+    assert upstream.padding_share > 0.3 and ours.padding_share < upstream.padding_share
+    assert upstream.samples_seen == ours.samples_seen == 2
+    with pytest.raises(QwenvlError, match="never packs"):
+        run_training(options(models, data, tmp_path / "both", recipe="upstream", packing=True))

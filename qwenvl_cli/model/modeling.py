@@ -104,6 +104,7 @@ class QwenAttention(nn.Module):
         self.c_proj = nn.Linear(projection, config.hidden_size, bias=not config.no_bias)
         self.scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
         self.dropout = config.attn_dropout_prob
+        self.eager = False  # upstream's attention path: the score matrix materialised (see use_upstream_path)
 
     def forward(
         self,
@@ -125,6 +126,9 @@ class QwenAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         causal = mask is None and seq > 1 and k.shape[2] == seq
+        if self.eager:
+            out = self._eager(q, k, v, mask, causal)
+            return self.c_proj(out.transpose(1, 2).reshape(batch, seq, self.hidden_size))
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -135,6 +139,19 @@ class QwenAttention(nn.Module):
             scale=self.scale,
         )
         return self.c_proj(out.transpose(1, 2).reshape(batch, seq, self.hidden_size))
+
+    def _eager(self, q, k, v, mask, causal):
+        """Attention as upstream's non-flash path computes it: the (heads, S, S) scores in full, masked,
+        softmax, dropout, times v. Same result as SDPA; more memory and time (kept for comparisons)."""
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        if causal:
+            seq = q.shape[2]
+            mask = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        probs = F.softmax(scores.float(), dim=-1).to(v.dtype)
+        probs = F.dropout(probs, self.dropout, self.training)
+        return torch.matmul(probs, v)
 
 
 class QwenMLP(nn.Module):
@@ -321,7 +338,16 @@ class QwenVLForCausalLM(QwenVLPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.transformer = QwenModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.score_all_positions = False  # upstream: logits (and their fp32 copy) for every position in training
         self.post_init()
+
+    def use_upstream_path(self, on: bool = True) -> None:
+        """Compute as the upstream model code does, for comparisons (`qwenvl train --recipe upstream`,
+        `qwenvl profile --baseline upstream`): eager attention instead of SDPA, and in training the logits
+        of every position rather than of the scored ones. Results are the same; speed and memory are not."""
+        self.score_all_positions = on
+        for block in self.transformer.h:
+            block.attn.eager = on
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.transformer.wte
@@ -360,6 +386,14 @@ class QwenVLForCausalLM(QwenVLPreTrainedModel, GenerationMixin):
         if not use_cache:
             cache = None
         hidden = self.transformer(input_ids, attention_mask, pixel_values, cache, inputs_embeds, position_ids)
+        if labels is not None and self.training and not logits_to_keep and not self.score_all_positions:
+            # Training needs the logits of the scored positions only: the lm_head and the fp32 softmax over
+            # the vocabulary run there and nowhere else (pictures, prompts and padding are most of a row).
+            targets = labels[:, 1:].to(hidden.device)
+            scored = targets != IGNORE_INDEX
+            logits = self.lm_head(hidden[:, :-1][scored])
+            loss = scored_loss(logits, targets[scored], unused.get("num_items_in_batch"))
+            return CausalLMOutputWithPast(loss=loss, logits=None, cache=cache)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
@@ -367,6 +401,21 @@ class QwenVLForCausalLM(QwenVLPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = causal_lm_loss(logits, labels, unused.get("num_items_in_batch"))
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+
+def scored_loss(
+    logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cross-entropy (fp32) of (n, vocab) logits against their n target ids: the mean, or the sum divided
+    by `num_items_in_batch` (see `causal_lm_loss`)."""
+    if num_items_in_batch is None:
+        if targets.numel() == 0:  # nothing scored in this batch: a zero that keeps the graph
+            return logits.float().sum() * 0.0
+        return F.cross_entropy(logits.float(), targets)
+    total = F.cross_entropy(logits.float(), targets, reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
 
 
 def causal_lm_loss(

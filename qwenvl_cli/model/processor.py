@@ -79,13 +79,16 @@ class PaddingCollator:
     """Right-pads to the batch's longest sample rounded up to a multiple of 8; pictures in row order. Packed
     rows (items with `segments` and `position_ids`) keep their sample numbers as the attention mask."""
 
-    def __init__(self, pad_id: int, multiple: int = 8):
+    def __init__(self, pad_id: int, multiple: int = 8, pad_to: int | None = None):
         self.pad_id = pad_id
         self.multiple = multiple
+        self.pad_to = pad_to  # a fixed width (the upstream recipe pads every sample to --max-length)
 
     def __call__(self, items: list[dict]) -> dict:
         longest = max(len(item["input_ids"]) for item in items)
         width = -(-longest // self.multiple) * self.multiple
+        if self.pad_to is not None:
+            width = max(width, self.pad_to)
         input_ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(items), width), dtype=torch.long)

@@ -66,6 +66,9 @@ class TrainOptions(BaseModel):
     train_vit: bool = False
     gradient_checkpointing: bool = False
     packing: bool = False  # several samples per row of --max-length tokens, each in its own attention span
+    # upstream: finetune.py's way, for comparisons: every sample padded to --max-length, eager attention,
+    # logits of every position
+    recipe: Literal["qwenvl", "upstream"] = "qwenvl"
     resume: str | None = None  # "auto" or a checkpoint folder
     seed: int = 42
     save_steps: int = 100
@@ -98,7 +101,11 @@ class TrainResult(BaseModel):
     global_step: int = 0
     final_loss: float | None = None
     seconds: float = 0.0
-    tokens_per_second: float | None = None
+    train_seconds: float = 0.0  # wall time of the training loop (data loading included, model loading not)
+    samples_seen: int = 0
+    samples_per_second: float | None = None
+    tokens_per_second: float | None = None  # real tokens per second of forward + backward + step
+    padding_share: float | None = None  # share of computed positions that were padding
     resumed_from: str | None = None
     dry_run: bool = False
     loss_curve: str | None = None
@@ -294,6 +301,11 @@ def run_training(options: TrainOptions, on_event: EventHook | None = None) -> Tr
         train_vit=options.train_vit,
         gpu=gpu,
     )
+    if options.recipe == "upstream" and options.packing:
+        raise QwenvlError(
+            "--recipe upstream reproduces finetune.py, which pads every sample to --max-length and never packs",
+            "Drop --packing, or train with the default --recipe qwenvl",
+        )
     if options.engine == "fsdp" and not gpu and not options.dry_run:
         raise QwenvlError(
             "--engine fsdp needs GPUs: accelerate shards with FSDP over CUDA devices only, and would quietly run "
@@ -330,6 +342,8 @@ def run_training(options: TrainOptions, on_event: EventHook | None = None) -> Tr
 
         with torch.device("meta"):
             model = QwenVLForCausalLM(config)
+    if options.recipe == "upstream":
+        model.use_upstream_path()
     model = _apply_method(model, options, rules)
     trainable, total = _count(model)
     result = TrainResult(
@@ -373,6 +387,7 @@ def run_training(options: TrainOptions, on_event: EventHook | None = None) -> Tr
             "resume": str(resume_from) if resume_from else None,
         },
     )
+    train_started = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except KeyboardInterrupt:
@@ -381,12 +396,17 @@ def run_training(options: TrainOptions, on_event: EventHook | None = None) -> Tr
             f"Continue where it stopped with --resume auto (checkpoints in {checkpoints})",
             exit_code=130,
         ) from None
+    train_wall = time.perf_counter() - train_started
     losses = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
     result.global_step = trainer.state.global_step
     result.final_loss = losses[-1][1] if losses else None
     result.seconds = round(time.perf_counter() - started, 2)
     train_seconds = max(trainer.qwenvl_seconds, 1e-9)
     result.tokens_per_second = round(trainer.qwenvl_tokens * world_size / train_seconds, 1)
+    result.train_seconds = round(train_wall, 3)
+    result.samples_seen = trainer.qwenvl_samples * world_size
+    result.samples_per_second = round(result.samples_seen / max(train_wall, 1e-9), 3)
+    result.padding_share = round(1 - trainer.qwenvl_tokens / max(trainer.qwenvl_padded_tokens, 1), 4)
     result.processes = world_size
     state_dict = None
     if options.engine == "deepspeed":
@@ -461,14 +481,19 @@ def _trainer(model, options, rules, samples, config, tokenizer, image_root, chec
     preset = PRESETS[rules.method]
 
     class QwenVLTrainer(Trainer):
-        qwenvl_tokens = 0
+        qwenvl_tokens = 0  # real tokens (padding not counted)
+        qwenvl_padded_tokens = 0  # positions computed, padding included
+        qwenvl_samples = 0
         qwenvl_seconds = 0.0
 
         def training_step(self, model, inputs, *args, **kwargs):
             tick = time.perf_counter()
             loss = super().training_step(model, inputs, *args, **kwargs)
             self.qwenvl_seconds += time.perf_counter() - tick
-            self.qwenvl_tokens += int((inputs["attention_mask"] > 0).sum())
+            mask = inputs["attention_mask"]
+            self.qwenvl_tokens += int((mask > 0).sum())
+            self.qwenvl_padded_tokens += mask.numel()
+            self.qwenvl_samples += int(mask.amax(dim=1).sum())  # a packed row's samples are numbered 1..k
             return loss
 
     class Events(TrainerCallback):
@@ -534,6 +559,7 @@ def _trainer(model, options, rules, samples, config, tokenizer, image_root, chec
         eval_steps=options.eval_every,
         per_device_eval_batch_size=options.batch_size,
     )
+    collator = PaddingCollator(tokenizer.eod_id, pad_to=options.max_length if options.recipe == "upstream" else None)
     trainer = QwenVLTrainer(
         model=model,
         args=arguments,
@@ -543,7 +569,7 @@ def _trainer(model, options, rules, samples, config, tokenizer, image_root, chec
         eval_dataset=ConversationDataset(evaluation[0].samples, config.image_size, evaluation[1])
         if evaluation is not None
         else None,
-        data_collator=PaddingCollator(tokenizer.eod_id),
+        data_collator=collator,
         callbacks=[Events()],
     )
     trainer_ref = [trainer]
