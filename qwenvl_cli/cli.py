@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from enum import Enum
@@ -435,23 +436,41 @@ def train_command(
     if isinstance(values.get("lora_targets"), str):
         values["lora_targets"] = [name.strip() for name in values["lora_targets"].split(",") if name.strip()]
     options = TrainOptions(**values)
+    if options.model is None and options.data is None:
+        from .train.runner import demo_options
+
+        given = {name for name in ctx.params if _given(ctx, name)}
+        if config is not None:
+            given |= set(_read_config(config))
+        options = demo_options(options, given)
+        if not _is_launched():
+            stderr.print(
+                f"[bold]built-in demo[/]: {options.method} fine-tuning of the tiny model on synthetic colour "
+                f"questions ({options.data}), {options.max_steps} steps of {options.batch_size}, held-out "
+                f"pictures asked every {options.eval_every} steps. Pass --model and --data to train your own."
+            )
     from .train.launch import LaunchPlan, check_plan, is_launched
 
+    output_given = options.output is not None
+    if not is_launched():
+        from .train.runner import resolve_defaults
+
+        options = resolve_defaults(options)  # once: the plan, the launch and the run agree on the run folder
     plan = LaunchPlan(max(gpus, nproc), gpus > 1, nnodes, node_rank, master_addr, master_port, hostfile)
     if not is_launched():
-        check_plan(plan, output_given=options.output is not None)
+        check_plan(plan, output_given=output_given)
     if dry_run:
         with train_progress(stderr) as hook:
             result = run_training(options, hook)
         render_train_result(result, stdout, _planned_command(plan, options, set(ctx.params)))
         return
-    if plan.needed and not is_launched():
-        from .train.launch import relaunch, train_argv
-        from .train.runner import resolve_defaults
+    if options.engine == "fsdp" and not plan.needed and not is_launched():
+        import torch
 
-        stderr.print(f"launching {plan.describe()}")
-        code = relaunch(plan, train_argv(resolve_defaults(options), set(ctx.params)))
-        raise typer.Exit(code)
+        if torch.cuda.is_available():  # FSDP runs in a process group, even on one GPU
+            _launch(dataclasses.replace(plan, gpus=True), options, ctx)
+    if plan.needed and not is_launched():
+        _launch(plan, options, ctx)
     with train_progress(stderr) as hook:
         result = run_training(options, hook)
     from .train.launch import world
@@ -460,17 +479,36 @@ def train_command(
         render_train_result(result, stdout)
 
 
+def _launch(plan, options, ctx: typer.Context) -> None:
+    """Start the processes of `plan` (torchrun or the DeepSpeed launcher) and exit with their status."""
+    from .train.launch import relaunch, train_argv
+
+    stderr.print(f"launching {plan.describe()}")
+    raise typer.Exit(relaunch(plan, train_argv(options, set(ctx.params))))
+
+
 def _planned_command(plan, options, known: set[str]) -> str:
     """What `qwenvl train` will run: itself, or the launcher that starts it in every process."""
     from .train.launch import launch_command, shown, train_argv
-    from .train.runner import resolve_defaults
 
-    args = train_argv(resolve_defaults(options), known)
+    args = train_argv(options, known)
     return shown(launch_command(plan, args) if plan.needed else ["qwenvl", "train", *args])
 
 
-def _merge_config(ctx: typer.Context, values: dict, config: Path) -> dict:
-    """Options from a YAML file, under the flags that were given on the command line."""
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether option `name` was set on the command line (or by its environment variable)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _is_launched() -> bool:
+    from .train.launch import is_launched
+
+    return is_launched()
+
+
+def _read_config(config: Path) -> dict:
+    """The option names (dashes as underscores) and values of a YAML --config file."""
     import yaml
 
     try:
@@ -479,13 +517,17 @@ def _merge_config(ctx: typer.Context, values: dict, config: Path) -> dict:
         raise QwenvlError(f"cannot read {config} ({exc})", "Pass a YAML file of option: value lines") from None
     if not isinstance(loaded, dict):
         raise QwenvlError(f"{config} is not a mapping of options", "Write one `option: value` per line")
+    return {str(key).replace("-", "_"): value for key, value in loaded.items()}
+
+
+def _merge_config(ctx: typer.Context, values: dict, config: Path) -> dict:
+    """Options from a YAML file, under the flags that were given on the command line."""
+    loaded = _read_config(config)
     merged = dict(values)
-    for key, value in loaded.items():
-        name = str(key).replace("-", "_")
+    for name, value in loaded.items():
         if name not in values:
-            raise QwenvlError(f"{config} sets unknown option {key!r}", "Use the names of qwenvl train's flags")
-        source = ctx.get_parameter_source(name)
-        if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):  # not given on the command line
+            raise QwenvlError(f"{config} sets unknown option {name!r}", "Use the names of qwenvl train's flags")
+        if not _given(ctx, name):
             merged[name] = value
     return merged
 

@@ -177,3 +177,15 @@ def test_two_nodes_meet_at_the_master_and_write_one_run(tmp_path):
     manifest = json.loads((out / "qwenvl_run.json").read_text())
     assert manifest["processes"] == 2 and manifest["global_step"] == 2
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_no_model_and_no_data_plan_the_built_in_demo(tmp_path, monkeypatch):
+    monkeypatch.setenv("QWENVL_CACHE_DIR", str(tmp_path / "cache"))
+    result = CliRunner().invoke(app, ["train", "--dry-run", "--lr", "0.001"])
+    assert result.exit_code == 0, result.output
+    text = "".join(result.stdout.split())
+    assert "full(fp32,DDP)" in text  # the demo trains in full
+    for flag in ("--max-steps300", "--batch-size8", "--lr0.001", "--eval-every100", "--eval-data"):
+        assert flag in text, flag  # demo settings, except --lr which was given
+    assert (tmp_path / "cache" / "data" / "colours-v1" / "eval.json").is_file()
+    assert "built-in demo" in result.stderr

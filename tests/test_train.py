@@ -431,3 +431,51 @@ def test_upstream_recipe_pads_every_sample_to_max_length_and_refuses_packing(mod
     assert upstream.samples_seen == ours.samples_seen == 2
     with pytest.raises(QwenvlError, match="never packs"):
         run_training(options(models, data, tmp_path / "both", recipe="upstream", packing=True))
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_to_the_same_final_loss(models, data, tmp_path):
+    """A real `kill -9` of `qwenvl train` after a checkpoint, then --resume auto: the same final loss as an
+    uninterrupted run (tolerance 1e-5, CPU, fixed seed), and the same adapter."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    flags = ["--model", str(models / "tiny"), "--data", str(data), "--max-steps", "30", "--save-steps", "5"]
+    flags += ["--grad-accum", "2", "--lora-r", "4", "--lr", "1e-3", "--seed", "7"]
+    env = {**os.environ, "QWENVL_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+
+    def train(out, *extra):
+        command = [sys.executable, "-m", "qwenvl_cli", "train", *flags, "--output", str(out), *extra]
+        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    straight = train(tmp_path / "straight")
+    _, err = straight.communicate(timeout=600)
+    assert straight.returncode == 0, err[-2000:]
+
+    cut = tmp_path / "cut"
+    victim = train(cut)
+    deadline = time.monotonic() + 300
+    while not (cut / "checkpoints" / "checkpoint-5" / "trainer_state.json").is_file():
+        assert victim.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate(timeout=60)
+    assert victim.returncode == -signal.SIGKILL
+    assert not (cut / "qwenvl_run.json").exists(), "the run finished before it was killed"
+
+    resumed = train(cut, "--resume", "auto")
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-2000:]
+    first = RunManifest.model_validate_json((tmp_path / "straight" / "qwenvl_run.json").read_text())
+    second = RunManifest.model_validate_json((cut / "qwenvl_run.json").read_text())
+    assert first.global_step == second.global_step == 30
+    assert abs(first.final_loss - second.final_loss) <= 1e-5, (first.final_loss, second.final_loss)
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "straight" / "adapter_model.safetensors"))
+    b = load_file(str(cut / "adapter_model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)

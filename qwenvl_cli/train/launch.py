@@ -53,14 +53,18 @@ class LaunchPlan:
         if self.hostfile is not None:
             hosts = read_hostfile(self.hostfile)
             slots = sum(n for _, n in hosts)
-            return f"{slots} processes on {len(hosts)} host(s) of {self.hostfile} with the DeepSpeed launcher"
+            return f"{_processes(slots)} on {len(hosts)} host(s) of {self.hostfile} with the DeepSpeed launcher"
         where = "GPUs" if self.gpus else "CPU, gloo"
         if self.nnodes > 1:
             return (
-                f"{self.processes} processes on node {self.node_rank} of {self.nnodes} with torchrun ({where}), "
+                f"{_processes(self.processes)} on node {self.node_rank} of {self.nnodes} with torchrun ({where}), "
                 f"rendezvous at {self.master_addr}:{self.master_port or DEFAULT_MASTER_PORT}"
             )
-        return f"{self.processes} processes with torchrun ({where})"
+        return f"{_processes(self.processes)} with torchrun ({where})"
+
+
+def _processes(n: int) -> str:
+    return f"{n} process" if n == 1 else f"{n} processes"
 
 
 def is_launched() -> bool:
@@ -210,7 +214,8 @@ def shown(command: list[str]) -> str:
 
 
 def relaunch(plan: LaunchPlan, args: list[str]) -> int:
-    """Run `qwenvl train <args>` as `plan` says; returns the launcher's exit code."""
+    """Run `qwenvl train <args>` as `plan` says (in one process too: FSDP needs a process group); returns
+    the launcher's exit code."""
     if plan.gpus and plan.hostfile is None:
         import torch
 

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The GPU half of `qwenvl train`'s checks: real bf16/fp16 steps of every method, DeepSpeed on one GPU (the
+# upstream script fails there with 'DummyOptim' object has no attribute 'step'), and FSDP (which a CPU cannot
+# run: accelerate turns it into DDP there). Tiny models built here; a few minutes on one H100.
+#
+#   bash benchmarks/gpu_train_check.sh            # writes $OUT (default ./gpu-check) /gpu_train_check.json + logs
+#
+# Runs from the repository root without installing (PYTHONPATH); a step whose package is missing (deepspeed,
+# bitsandbytes) is recorded as skipped with the reason, never as passed.
+set -u
+OUT=${OUT:-gpu-check}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export QWENVL_CACHE_DIR=$OUT/cache
+PY=${PYTHON:-python3}
+WORK=$(mktemp -d)
+RESULTS=$OUT/steps.jsonl
+: >"$RESULTS"
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$OUT/gpu.txt" 2>&1
+$PY - >"$OUT/versions.txt" 2>&1 <<'EOF'
+import importlib, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
+for name in ("transformers", "peft", "accelerate", "deepspeed", "bitsandbytes", "gptqmodel"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as exc:  # noqa: BLE001 - a report, not a check
+        print(name, "missing:", type(exc).__name__, exc)
+EOF
+
+step() {  # step NAME NEEDS_MODULE -- command...
+  local name=$1 needs=$2; shift 3
+  if [ "$needs" != "-" ] && ! $PY -c "import $needs" >/dev/null 2>&1; then
+    echo "{\"step\": \"$name\", \"status\": \"skipped\", \"reason\": \"$needs is not installed\"}" >>"$RESULTS"
+    return
+  fi
+  local started=$(date +%s.%N)
+  timeout 240 "$@" >"$OUT/$name.log" 2>&1
+  local rc=$? ended=$(date +%s.%N)
+  local seconds=$(echo "$ended - $started" | bc)
+  local summary=$(grep -E "final loss|samples/s|memory|Error|error:" "$OUT/$name.log" | tail -4 | tr '\n"' ' \047')
+  echo "{\"step\": \"$name\", \"status\": \"$([ $rc = 0 ] && echo passed || echo failed)\", \"rc\": $rc, \"seconds\": $seconds, \"summary\": \"$summary\"}" >>"$RESULTS"
+}
+
+Q="$PY -m qwenvl_cli"
+$Q init-model --preset tiny --output "$WORK/tiny" >/dev/null
+$Q init-model --preset tiny-base --output "$WORK/tiny-base" >/dev/null
+$Q data synth --output "$WORK/colours" --n 840 --image-size 56 --eval-fraction 0.0477 --max-shapes 1 --questions colour >/dev/null
+DATA="--data $WORK/colours/train.json --eval-data $WORK/colours/eval.json"
+FAST="--max-steps 8 --batch-size 8 --grad-accum 1 --save-steps 4"
+
+step full-bf16 - -- $Q train --method full --precision bf16 --model "$WORK/tiny" $DATA $FAST --output "$WORK/r-full"
+step lora-bf16 - -- $Q train --method lora --precision bf16 --model "$WORK/tiny" $DATA $FAST --output "$WORK/r-lora"
+step lora-base-bf16 - -- $Q train --method lora --model "$WORK/tiny-base" $DATA $FAST --output "$WORK/r-lora-base"
+step lora-fp16 - -- $Q train --method lora --precision fp16 --model "$WORK/tiny" $DATA $FAST --output "$WORK/r-lora-fp16"
+step qlora-nf4-fp16 bitsandbytes -- $Q train --method qlora --quant nf4 --model "$WORK/tiny" $DATA $FAST --output "$WORK/r-qlora"
+step qlora-bf16-refused - -- bash -c "! $Q train --method qlora --quant nf4 --precision bf16 --model $WORK/tiny --output $WORK/r-x"
+step deepspeed-zero2-1gpu deepspeed -- $Q train --engine deepspeed --zero 2 --model "$WORK/tiny" $DATA $FAST --output "$WORK/r-ds2"
+step deepspeed-zero3-1gpu deepspeed -- $Q train --method full --engine deepspeed --zero 3 --model "$WORK/tiny" $DATA $FAST --output "$WORK/r-ds3"
+step fsdp-full-1gpu - -- $Q train --method full --engine fsdp --model "$WORK/tiny" $DATA $FAST --output "$WORK/r-fsdp"
+step fsdp-lora-1gpu - -- $Q train --method lora --engine fsdp --gradient-checkpointing --model "$WORK/tiny" $DATA $FAST --output "$WORK/r-fsdp-lora"
+step packing-bf16 - -- $Q train --method full --packing --max-length 1024 --model "$WORK/tiny" $DATA $FAST --output "$WORK/r-pack"
+step learning-test - -- $PY -m pytest -q -x -p no:cacheprovider tests/test_learning.py
+for run in r-fsdp r-ds3 r-full; do  # the sharded runs wrote complete models: they load and answer
+  step "eval-$run" - -- $Q eval --model "$WORK/$run" --data "$WORK/colours/eval.json" --limit 20
+done
+
+$PY - "$RESULTS" "$OUT" <<'EOF'
+import json, sys, pathlib
+steps = [json.loads(line) for line in open(sys.argv[1])]
+out = pathlib.Path(sys.argv[2])
+report = {"gpu": (out / "gpu.txt").read_text().strip(), "versions": (out / "versions.txt").read_text().splitlines(), "steps": steps}
+(out / "gpu_train_check.json").write_text(json.dumps(report, indent=2) + "\n")
+for s in steps:
+    print(f"{s['status']:8s} {s['step']:24s} {s.get('seconds', '')} {s.get('reason', s.get('summary', ''))[:150]}")
+EOF
+rm -rf "$WORK"
