@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from . import __version__
 from .data.markup import parse_box_text, scan_markup
 from .errors import QwenvlError
+from .inference import check_adapter
 from .schemas import Box, Sample, Severity
 
 IOU_THRESHOLD = 0.5
@@ -207,21 +208,8 @@ def evaluate(
     )
 
 
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-
-
 def _check_adapter(adapter_dir: Path) -> None:
-    """Refuse a folder that is not a saved adapter (peft would otherwise look for it on the hub)."""
-    missing = [] if (adapter_dir / "adapter_config.json").is_file() else ["adapter_config.json"]
-    if not any((adapter_dir / name).is_file() for name in ADAPTER_WEIGHTS):
-        missing.append(" or ".join(ADAPTER_WEIGHTS))
-    if missing:
-        what = "does not exist" if not adapter_dir.exists() else f"has no {' and no '.join(missing)}"
-        raise QwenvlError(
-            f"--adapter {adapter_dir} {what}, so it is not a LoRA adapter folder",
-            "Pass the folder a LoRA or Q-LoRA training run saved (it holds adapter_config.json and "
-            "adapter_model.safetensors), or leave out --adapter to evaluate the model alone",
-        )
+    check_adapter(adapter_dir, "leave out --adapter to evaluate the model alone")
 
 
 def _refuse_invalid(data_file: Path, image_root: Path | None) -> None:
@@ -270,9 +258,7 @@ def evaluate_folder(
     `image_root`, by default the data file's folder. `limit` keeps the first samples only. The model
     runs on the GPU when there is one (bf16 where supported), else on the CPU in fp32.
     """
-    import torch
-
-    from .model.checkpoint import load_checkpoint, read_generation_config
+    from .inference import load_for_inference
     from .model.generation import GenerationSettings
     from .model.processor import QwenVLProcessor
 
@@ -288,31 +274,9 @@ def evaluate_folder(
     _refuse_invalid(data_file, root)
     samples = _read_samples(data_file, limit)
 
-    if torch.cuda.is_available():
-        device, dtype = "cuda", "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    else:
-        device, dtype = "cpu", "fp32"
-    model, tokenizer = load_checkpoint(model_dir, dtype=dtype, device=device)
-    image_size = model.config.image_size
-    if adapter is not None:
-        import contextlib
-
-        from . import quiet_import
-
-        with contextlib.suppress(ImportError):
-            quiet_import("gptqmodel")  # peft imports it when present, and its banner would corrupt --format json
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(model, str(adapter))
-        except Exception as exc:  # peft and safetensors raise their own error types
-            raise QwenvlError(
-                f"the adapter in {adapter} cannot be applied to the model in {model_dir} "
-                f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})",
-                "Pass the base model the adapter was trained on, and check that the adapter's files are complete",
-            ) from None
-        model.eval()
-    generation = read_generation_config(model_dir)
+    loaded = load_for_inference(model_dir, adapter)
+    model, tokenizer, generation = loaded.model, loaded.tokenizer, loaded.generation
+    image_size = loaded.config.image_size
     processor = QwenVLProcessor(tokenizer, image_size, image_root=root)
     report = evaluate(
         model,

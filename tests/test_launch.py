@@ -185,7 +185,7 @@ def test_no_model_and_no_data_plan_the_built_in_demo(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     text = "".join(result.stdout.split())
     assert "full(fp32,DDP)" in text  # the demo trains in full
-    for flag in ("--max-steps300", "--batch-size8", "--lr0.001", "--eval-every100", "--eval-data"):
+    for flag in ("--max-steps300", "--batch-size8", "--lr0.001", "--eval-samples40", "--eval-data"):
         assert flag in text, flag  # demo settings, except --lr which was given
     assert (tmp_path / "cache" / "data" / "colours-v1" / "eval.json").is_file()
     assert "built-in demo" in result.stderr

@@ -159,7 +159,10 @@ class ChatSession:
         self, text: str, images: Sequence[str] = (), settings: GenerationSettings | None = None
     ) -> Iterator[str]:
         """Yield the answer as it is generated; the exchange joins the history once it completes."""
-        query = self.make_query(text, images)
+        yield from self.stream_query(self.make_query(text, images), settings)
+
+    def stream_query(self, query: str, settings: GenerationSettings | None = None) -> Iterator[str]:
+        """`stream` for a query that already holds its picture markup (to regenerate an answer)."""
         inputs = self.prompt(query)
         tokenizer = self.processor.tokenizer
         settings = replace(

@@ -1,0 +1,83 @@
+"""Loading a checkpoint (and a LoRA adapter on it) for answering questions: `qwenvl eval`, `qwenvl chat`,
+`qwenvl serve-ui`. The model runs on the GPU when there is one (bf16 where supported, else fp16), else on
+the CPU in fp32, in eval mode."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import QwenvlError
+
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+@dataclass
+class LoadedModel:
+    model: object  # QwenVLForCausalLM, or a peft PeftModel around one
+    tokenizer: object  # QwenVLTokenizer
+    generation: dict  # generation_config.json (chat_format, max_window_size, …)
+    device: str
+    dtype: str
+
+    @property
+    def config(self):
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return inner.config
+
+    @property
+    def chat_format(self) -> str:
+        return self.generation.get("chat_format", "chatml")
+
+    @property
+    def max_window_size(self) -> int:
+        return int(self.generation.get("max_window_size", 6144))
+
+
+def check_adapter(adapter_dir: Path, leave_out: str = "leave out --adapter to use the model alone") -> None:
+    """Refuse a folder that is not a saved adapter (peft would otherwise look for it on the hub)."""
+    missing = [] if (adapter_dir / "adapter_config.json").is_file() else ["adapter_config.json"]
+    if not any((adapter_dir / name).is_file() for name in ADAPTER_WEIGHTS):
+        missing.append(" or ".join(ADAPTER_WEIGHTS))
+    if missing:
+        what = "does not exist" if not adapter_dir.exists() else f"has no {' and no '.join(missing)}"
+        raise QwenvlError(
+            f"--adapter {adapter_dir} {what}, so it is not a LoRA adapter folder",
+            "Pass the folder a LoRA or Q-LoRA training run saved (it holds adapter_config.json and "
+            f"adapter_model.safetensors), or {leave_out}",
+        )
+
+
+def load_for_inference(model_dir: str | Path, adapter_dir: str | Path | None = None) -> LoadedModel:
+    """The checkpoint in `model_dir` (with the adapter in `adapter_dir` applied), ready to answer."""
+    import torch
+
+    from .model.checkpoint import load_checkpoint, read_generation_config
+
+    model_dir = Path(model_dir)
+    adapter = Path(adapter_dir) if adapter_dir is not None else None
+    if adapter is not None:
+        check_adapter(adapter)
+    if torch.cuda.is_available():
+        device, dtype = "cuda", "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    else:
+        device, dtype = "cpu", "fp32"
+    model, tokenizer = load_checkpoint(model_dir, dtype=dtype, device=device)
+    if adapter is not None:
+        from . import quiet_import
+
+        with contextlib.suppress(ImportError):
+            quiet_import("gptqmodel")  # peft imports it when present, and its banner would corrupt JSON output
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter))
+        except Exception as exc:  # peft and safetensors raise their own error types
+            raise QwenvlError(
+                f"the adapter in {adapter} cannot be applied to the model in {model_dir} "
+                f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})",
+                "Pass the base model the adapter was trained on, and check that the adapter's files are complete",
+            ) from None
+    model.eval()
+    return LoadedModel(model, tokenizer, read_generation_config(model_dir), device, dtype)
