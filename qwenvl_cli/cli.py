@@ -532,6 +532,75 @@ def _merge_config(ctx: typer.Context, values: dict, config: Path) -> dict:
     return merged
 
 
+@app.command("merge")
+@_service_errors
+def merge_command(
+    adapter_dir: Annotated[
+        Path | None,
+        typer.Argument(
+            help="LoRA run folder (adapter_config.json + qwenvl_run.json). Default: the current directory.",
+            show_default=False,
+            metavar="ADAPTER_DIR",
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Folder for the merged model. Default: <adapter folder>-merged."),
+    ] = None,
+    base: Annotated[
+        Path | None,
+        typer.Option(help="Base model folder, instead of the one qwenvl_run.json records (checked against it)."),
+    ] = None,
+    max_shard_size: Annotated[
+        str, typer.Option(help="Largest safetensors shard: 2GB, 500MB, 1.5GiB or a number of bytes.")
+    ] = "2GB",
+    dtype: Annotated[
+        PrecisionChoice, typer.Option(help="Precision of the merged weights; auto: the base model's.")
+    ] = PrecisionChoice.auto,
+    verify: Annotated[
+        bool, typer.Option(help="Compare the logits of the adapter model and the merged model (fp32, CPU).")
+    ] = False,
+    tolerance: Annotated[
+        float | None,
+        typer.Option(help="--verify bound on the largest logit difference (default 1e-4 in fp32; docs/merge.md)."),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(help="Replace a non-empty output folder; accept a base that differs from the run's, or Q-LoRA."),
+    ] = False,
+    output_format: Annotated[
+        ReportFormat, typer.Option("--format", help="text: a summary for people; json: the result, for scripts.")
+    ] = ReportFormat.text,
+) -> None:
+    """Fold a LoRA adapter into its base model: a standalone checkpoint in the official layout.
+
+    Writes config.json, safetensors shards with their index, qwen.tiktoken and generation_config.json;
+    the layers a base-model LoRA trains in full (wte, lm_head) are merged too. The base model is the one
+    the run recorded, checked by fingerprint. The folder appears only when complete. A Q-LoRA adapter is
+    refused (4-bit weights cannot take the LoRA delta exactly). Exit code 0 when written, 1 when --verify
+    finds a larger difference than the tolerance (nothing is written then), 2 for a refusal.
+
+    [bold]Examples[/]
+
+      qwenvl merge runs/chat-lora                    # writes runs/chat-lora-merged
+      qwenvl merge runs/chat-lora --output models/chat-merged --verify
+      qwenvl merge runs/chat-lora --base /models/Qwen-VL-Chat --dtype bf16 --max-shard-size 5GB
+      cd runs/chat-lora && qwenvl merge              # the current run folder
+    """
+    from .merge import merge_adapter
+    from .render_merge import merge_stages, render_merge
+
+    with merge_stages(stderr) as hook:
+        result = merge_adapter(
+            adapter_dir, output, base, max_shard_size, dtype.value, verify, tolerance, force, on_stage=hook
+        )
+    if output_format is ReportFormat.json:
+        sys.stdout.write(result.model_dump_json(indent=2) + "\n")
+    else:
+        render_merge(result, stdout)
+    raise typer.Exit(result.exit_code)
+
+
 def main() -> None:
     import warnings
 

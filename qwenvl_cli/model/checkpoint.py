@@ -175,17 +175,24 @@ def assign_weights(
         raise QwenvlError(f"{folder} does not match {layout}: " + "; ".join(detail), fix)
 
 
-def _parse_size(size: str | int) -> int:
-    if isinstance(size, int):
+def parse_size(size: str | int) -> int:
+    """Bytes from a size like 2GB (10**9), 500MB, 1.5GiB (2**30) or a plain number of bytes."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
         return size
-    text = size.strip().upper().replace("IB", "B")
-    for suffix, factor in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+    text = str(size).strip().upper()
+    units = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1))
+    factor = 1
+    for suffix, scale in units:
         if text.endswith(suffix):
-            try:
-                return int(float(text[: -len(suffix)]) * factor)
-            except ValueError:
-                break
-    raise QwenvlError(f"cannot read the size {size!r}", "Write it like 2GB, 500MB or 1000000")
+            text, factor = text[: -len(suffix)].strip(), scale
+            break
+    try:
+        value = int(float(text) * factor)
+    except (ValueError, OverflowError):  # not a number, or inf
+        value = 0
+    if value <= 0:
+        raise QwenvlError(f"cannot read the size {size!r}", "Write it like 2GB, 500MB, 1.5GiB or 1000000 (bytes)")
+    return value
 
 
 def save_checkpoint(
@@ -204,7 +211,7 @@ def save_checkpoint(
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()) and not force:
         raise QwenvlError(f"{folder} is not empty", "Choose a new folder, or pass --force to replace it")
-    limit = _parse_size(max_shard_size)
+    limit = parse_size(max_shard_size)
     target = DTYPES[dtype] if isinstance(dtype, str) else dtype
     state = {}
     for key, tensor in (state_dict if state_dict is not None else model.state_dict()).items():
