@@ -532,6 +532,81 @@ def _merge_config(ctx: typer.Context, values: dict, config: Path) -> dict:
     return merged
 
 
+@app.command("chat")
+@_service_errors
+def chat_command(
+    model: Annotated[
+        Path | None, typer.Option(help="Checkpoint folder. Default: the built-in tiny model.", show_default=False)
+    ] = None,
+    adapter: Annotated[Path | None, typer.Option(help="LoRA adapter folder (a train run) to apply.")] = None,
+    image: Annotated[
+        list[str] | None, typer.Option("--image", help="Picture (path or URL) for the first message; repeatable.")
+    ] = None,
+    prompt: Annotated[str | None, typer.Option(help="Ask this once, print the answer and exit.")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt (default: You are a helpful assistant.).")] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="With --prompt: print {answer, boxes, image_with_boxes} as JSON.")
+    ] = False,
+    image_root: Annotated[Path | None, typer.Option(help="Folder relative picture paths start from.")] = None,
+    save_dir: Annotated[Path, typer.Option(help="Where pictures with the boxes of grounded answers are saved.")] = Path(
+        "chat-pictures"
+    ),
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 512,
+    temperature: Annotated[float, typer.Option(help="0: greedy; above 0: sampling.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling: keep the smallest set of this probability.")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the k likeliest tokens (0: off).")] = 0,
+    repetition_penalty: Annotated[float, typer.Option(help="Above 1 discourages repeating tokens.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling (the same seed, the same answer).")] = None,
+) -> None:
+    """Talk to a model about pictures: streamed answers, grounding boxes drawn on the picture.
+
+    Interactive by default (/help lists the commands: /image, /clear, /history, /regen, /save, /system,
+    /exit; Ctrl-C stops an answer). With --prompt it answers once and exits; --json prints the answer
+    and its boxes (normalised and in pixels) for scripts. Pictures are numbered "Picture N:" across the
+    conversation, as the model was trained. A base model (chat_format raw) is prompted without the
+    chat template.
+
+    [bold]Examples[/]
+
+      qwenvl chat --model runs/full-20261126-155434
+      qwenvl chat --model ./Qwen-VL-Chat --adapter runs/chat-lora --image photo.jpg
+      qwenvl chat --model ./Qwen-VL-Chat --image photo.jpg --prompt "Where is the dog?" --json
+    """
+    from .chat import ask_once, check_settings, open_conversation
+    from .model.generation import GenerationSettings
+    from .render_chat import chat_loop, render_boxes
+
+    settings = GenerationSettings(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
+    check_settings(settings)
+    if json_output and prompt is None:
+        raise QwenvlError("--json goes with --prompt", "Add --prompt TEXT, or leave out --json to chat")
+    if model is None:
+        from .train.runner import builtin_model_dir
+
+        model = builtin_model_dir()
+    conversation = open_conversation(model, adapter, image_root, system)
+    for picture in image or []:
+        conversation.attach(picture)
+    if prompt is None:
+        title = f"{model}" + (f" + {adapter}" if adapter else "") + f" · {conversation.loaded.device}"
+        chat_loop(conversation, settings, stdout, save_dir, title)
+        return
+    if json_output:
+        result = ask_once(conversation, prompt, settings, save_dir)
+        print(result.model_dump_json(indent=2))
+        return
+    result = ask_once(conversation, prompt, settings, save_dir, lambda piece: stdout.out(piece, end=""))
+    stdout.out("")
+    render_boxes(result, stderr)
+
+
 @app.command("merge")
 @_service_errors
 def merge_command(

@@ -49,6 +49,24 @@ def check_adapter(adapter_dir: Path, leave_out: str = "leave out --adapter to us
         )
 
 
+def attach_adapter(model, adapter: Path, model_dir: Path):
+    """`model` with the LoRA adapter saved in `adapter` applied (a peft PeftModel), or a QwenvlError."""
+    from . import quiet_import
+
+    with contextlib.suppress(ImportError):
+        quiet_import("gptqmodel")  # peft imports it when present, and its banner would corrupt JSON output
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter))
+    except Exception as exc:  # peft and safetensors raise their own error types
+        raise QwenvlError(
+            f"the adapter in {adapter} cannot be applied to the model in {model_dir} "
+            f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})",
+            "Pass the base model the adapter was trained on, and check that the adapter's files are complete",
+        ) from None
+
+
 def load_for_inference(model_dir: str | Path, adapter_dir: str | Path | None = None) -> LoadedModel:
     """The checkpoint in `model_dir` (with the adapter in `adapter_dir` applied), ready to answer."""
     import torch
@@ -65,19 +83,6 @@ def load_for_inference(model_dir: str | Path, adapter_dir: str | Path | None = N
         device, dtype = "cpu", "fp32"
     model, tokenizer = load_checkpoint(model_dir, dtype=dtype, device=device)
     if adapter is not None:
-        from . import quiet_import
-
-        with contextlib.suppress(ImportError):
-            quiet_import("gptqmodel")  # peft imports it when present, and its banner would corrupt JSON output
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(model, str(adapter))
-        except Exception as exc:  # peft and safetensors raise their own error types
-            raise QwenvlError(
-                f"the adapter in {adapter} cannot be applied to the model in {model_dir} "
-                f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})",
-                "Pass the base model the adapter was trained on, and check that the adapter's files are complete",
-            ) from None
+        model = attach_adapter(model, adapter, model_dir)
     model.eval()
     return LoadedModel(model, tokenizer, read_generation_config(model_dir), device, dtype)

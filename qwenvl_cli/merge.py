@@ -294,22 +294,9 @@ def _generation_config(adapter: Path, base: Path) -> dict:
 
 
 def _attach_adapter(model, adapter: Path, base: Path):
-    import contextlib
+    from .inference import attach_adapter
 
-    from . import quiet_import
-
-    with contextlib.suppress(ImportError):
-        quiet_import("gptqmodel")  # peft imports it when present; its banner is not for our users
-    from peft import PeftModel
-
-    try:
-        return PeftModel.from_pretrained(model, str(adapter)).eval()
-    except Exception as exc:  # peft and safetensors raise their own error types
-        raise QwenvlError(
-            f"the adapter in {adapter} cannot be applied to the model in {base} "
-            f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})",
-            "Pass the base model the adapter was trained on, and check that the adapter's files are complete",
-        ) from None
+    return attach_adapter(model, adapter, base).eval()
 
 
 def fold_lora(peft_model) -> tuple[Any, int, list[str]]:

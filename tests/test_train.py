@@ -299,7 +299,7 @@ def test_eval_data_is_scored_during_training(models, tmp_path):
         lambda kind, payload: events.append((kind, payload)),
     )
     evals = [payload for kind, payload in events if kind == "eval"]
-    assert [e["step"] for e in evals] == [2, 4]
+    assert [e["step"] for e in evals] == [0, 2, 4]  # step 0: the "before" numbers
     for record in evals:
         assert record["eval_loss"] > 0 and record["questions"] >= 2
         assert 0.0 <= record["accuracy"] <= 1.0
