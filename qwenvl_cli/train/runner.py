@@ -319,6 +319,8 @@ def resolve_defaults(options: TrainOptions) -> TrainOptions:
 def run_training(options: TrainOptions, on_event: EventHook | None = None) -> TrainResult:
     from .launch import world
 
+    if options.engine == "deepspeed" and not options.dry_run:
+        _single_process_group()
     rank, world_size = world()
     emit = (on_event or (lambda kind, payload: None)) if rank == 0 else (lambda kind, payload: None)
     started = time.perf_counter()
@@ -406,6 +408,10 @@ def run_training(options: TrainOptions, on_event: EventHook | None = None) -> Tr
     if rank == 0:
         checkpoints.mkdir(parents=True, exist_ok=True)
         (checkpoints / RUN_IDENTITY).write_text(json.dumps(identity, indent=2) + "\n", "utf-8")
+        engine_config = {"deepspeed": lambda: deepspeed_config(options, rules), "fsdp": lambda: fsdp_config(options)}
+        if options.engine in engine_config:  # the generated config, for the record ("auto": the Trainer's values)
+            config_file = output / f"{options.engine}_config.json"
+            config_file.write_text(json.dumps(engine_config[options.engine](), indent=2) + "\n", "utf-8")
     if options.gradient_checkpointing and options.engine != "fsdp":  # FSDP checkpoints its own wrapped blocks
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
@@ -685,6 +691,19 @@ def _generation_metrics(model, tokenizer, config, evaluation, options) -> dict:
         "acc_at_50": report.acc_at_50,
         "questions": report.questions,
     }
+
+
+def _single_process_group() -> None:
+    """DeepSpeed wants a process group even for one process (without one it goes looking for MPI): outside
+    torchrun, describe a group of one on this machine, as torchrun would."""
+    from .launch import free_port, is_launched
+
+    if is_launched() or "WORLD_SIZE" in os.environ:
+        return
+    os.environ.update(
+        {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    )
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def _world_size() -> int:
