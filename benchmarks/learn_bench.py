@@ -455,6 +455,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=3000, help="samples synthesised (train + eval)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the model and the training")
     parser.add_argument("--image-size", type=int, default=224, help="side of the synthetic pictures")
+    parser.add_argument("--max-shapes", type=int, default=3, help="most shapes per picture (qwenvl data synth)")
+    parser.add_argument(
+        "--questions", default="colour,count,grounding,compare", help="question kinds asked (qwenvl data synth)"
+    )
+    parser.add_argument("--loss-curve", type=Path, help="copy the (first) run's loss.png here, e.g. into docs/")
     parser.add_argument("--eval-limit", type=int, default=100, help="eval.json samples asked")
     parser.add_argument("--method", nargs="+", choices=("full", "lora"), default=["full"])
     parser.add_argument("--lr", type=float, nargs="+", default=[1e-3], help="one value, or one per --method")
@@ -503,7 +508,16 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
         print(f"synthesising {args.n} samples ({args.image_size} px, seed {args.seed}) …", flush=True)
-        data = synthesize(work / "data", args.n, seed=args.seed, image_size=args.image_size, force=True)
+        kinds = [kind.strip() for kind in args.questions.split(",") if kind.strip()]
+        data = synthesize(
+            work / "data",
+            args.n,
+            seed=args.seed,
+            image_size=args.image_size,
+            force=True,
+            max_shapes=args.max_shapes,
+            questions=kinds,
+        )
         train_file, eval_file = Path(data.train_file), Path(data.eval_file)
         model_dir = work / "tiny"
         model_info = init_model("tiny", model_dir, seed=args.seed, force=True)
@@ -516,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
             "n": args.n,
             "seed": args.seed,
             "image_size": args.image_size,
+            "max_shapes": args.max_shapes,
+            "questions": kinds,
             "eval_limit": args.eval_limit,
             "model_sha256": weights,
         }
@@ -555,6 +571,11 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             runs.append({**trained, "summary": summary, "after": after, "improved": improved})
+            if args.loss_curve is not None and len(runs) == 1 and (run_dir / "loss.png").is_file():
+                import shutil
+
+                args.loss_curve.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(run_dir / "loss.png", args.loss_curve)
 
     result = {
         "benchmark": "learn",
@@ -565,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
             "n": args.n,
             "seed": args.seed,
             "image_size": args.image_size,
+            "max_shapes": args.max_shapes,
+            "question_kinds": kinds,
             "train_samples": data.train_samples,
             "eval_samples": data.eval_samples,
             "eval_samples_asked": len(eval_samples),
