@@ -436,6 +436,8 @@ def train_command(
     if isinstance(values.get("lora_targets"), str):
         values["lora_targets"] = [name.strip() for name in values["lora_targets"].split(",") if name.strip()]
     options = TrainOptions(**values)
+    from .train.launch import LaunchPlan, check_plan, is_launched
+
     if options.model is None and options.data is None:
         from .train.runner import demo_options
 
@@ -443,22 +445,18 @@ def train_command(
         if config is not None:
             given |= set(_read_config(config))
         options = demo_options(options, given)
-        if not _is_launched():
+        if not is_launched():
             stderr.print(
                 f"[bold]built-in demo[/]: {options.method} fine-tuning of the tiny model on synthetic colour "
                 f"questions ({options.data}), {options.max_steps} steps of {options.batch_size}, held-out "
                 f"pictures asked every {options.eval_every} steps. Pass --model and --data to train your own."
             )
-    from .train.launch import LaunchPlan, check_plan, is_launched
-
-    output_given = options.output is not None
+    plan = LaunchPlan(max(gpus, nproc), gpus > 1, nnodes, node_rank, master_addr, master_port, hostfile)
     if not is_launched():
         from .train.runner import resolve_defaults
 
+        check_plan(plan, output_given=options.output is not None)
         options = resolve_defaults(options)  # once: the plan, the launch and the run agree on the run folder
-    plan = LaunchPlan(max(gpus, nproc), gpus > 1, nnodes, node_rank, master_addr, master_port, hostfile)
-    if not is_launched():
-        check_plan(plan, output_given=output_given)
     if dry_run:
         with train_progress(stderr) as hook:
             result = run_training(options, hook)
@@ -499,12 +497,6 @@ def _given(ctx: typer.Context, name: str) -> bool:
     """Whether option `name` was set on the command line (or by its environment variable)."""
     source = ctx.get_parameter_source(name)
     return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
-
-
-def _is_launched() -> bool:
-    from .train.launch import is_launched
-
-    return is_launched()
 
 
 def _read_config(config: Path) -> dict:

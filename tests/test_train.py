@@ -515,3 +515,14 @@ def test_two_processes_train_like_one_process_with_their_batches_together(models
     second = load_file(str(two / "adapter_model.safetensors"))
     for key in first:
         torch.testing.assert_close(first[key], second[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+@pytest.mark.slow
+def test_deepspeed_in_one_process_needs_no_launcher_and_leaves_the_environment_as_it_was(models, data, tmp_path):
+    pytest.importorskip("deepspeed")
+    import os
+
+    before = {name: os.environ.get(name) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")}
+    result = run_training(options(models, data, tmp_path / "ds", engine="deepspeed", zero=2, max_steps=2))
+    assert result.global_step == 2 and (tmp_path / "ds" / "deepspeed_config.json").is_file()
+    assert {name: os.environ.get(name) for name in before} == before

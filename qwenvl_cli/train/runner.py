@@ -317,10 +317,18 @@ def resolve_defaults(options: TrainOptions) -> TrainOptions:
 
 
 def run_training(options: TrainOptions, on_event: EventHook | None = None) -> TrainResult:
+    """Train as `options` say; `on_event(kind, payload)` hears start, steps, log, eval, save and done."""
+    added = _single_process_group() if options.engine == "deepspeed" and not options.dry_run else []
+    try:
+        return _run_training(options, on_event)
+    finally:
+        for name in added:  # the process group of one described for DeepSpeed ends with the run
+            os.environ.pop(name, None)
+
+
+def _run_training(options: TrainOptions, on_event: EventHook | None) -> TrainResult:
     from .launch import world
 
-    if options.engine == "deepspeed" and not options.dry_run:
-        _single_process_group()
     rank, world_size = world()
     emit = (on_event or (lambda kind, payload: None)) if rank == 0 else (lambda kind, payload: None)
     started = time.perf_counter()
@@ -693,17 +701,19 @@ def _generation_metrics(model, tokenizer, config, evaluation, options) -> dict:
     }
 
 
-def _single_process_group() -> None:
+def _single_process_group() -> list[str]:
     """DeepSpeed wants a process group even for one process (without one it goes looking for MPI): outside
-    torchrun, describe a group of one on this machine, as torchrun would."""
+    torchrun, describe a group of one on this machine, as torchrun would. Returns the variables it set."""
     from .launch import free_port, is_launched
 
     if is_launched() or "WORLD_SIZE" in os.environ:
-        return
-    os.environ.update(
-        {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
-    )
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+        return []
+    wanted = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    wanted["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(free_port())
+    added = [name for name in wanted if name not in os.environ]
+    for name in added:
+        os.environ[name] = wanted[name]
+    return added
 
 
 def _world_size() -> int:
