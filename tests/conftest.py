@@ -53,3 +53,14 @@ def official_vocab() -> Path:
     if not SHARED_VOCAB.is_file():
         pytest.skip(f"{SHARED_VOCAB} is absent")
     return SHARED_VOCAB
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> Path:
+    """A folder with the `tiny` chat model and the `tiny-base` base model (seed 0), built once per run."""
+    from qwenvl_cli.model.presets import init_model
+
+    root = tmp_path_factory.mktemp("models")
+    init_model("tiny", root / "tiny", seed=0)
+    init_model("tiny-base", root / "tiny-base", seed=0)
+    return root

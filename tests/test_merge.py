@@ -15,7 +15,6 @@ from qwenvl_cli.cli import app
 from qwenvl_cli.demo import DEMO_DATA, DEMO_DIR
 from qwenvl_cli.merge import MergeResult, merge_adapter
 from qwenvl_cli.model.checkpoint import SAFE_INDEX, load_checkpoint
-from qwenvl_cli.model.presets import init_model
 from qwenvl_cli.model.processor import QwenVLProcessor
 from qwenvl_cli.train.runner import TrainOptions, run_training
 
@@ -24,14 +23,6 @@ runner = CliRunner()
 
 def invoke(*args: str):
     return runner.invoke(app, ["merge", *map(str, args)], env={"COLUMNS": "160", "NO_COLOR": "1"})
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("merge-models")
-    init_model("tiny", root / "tiny", seed=0)
-    init_model("tiny-base", root / "tiny-base", seed=0)
-    return root
 
 
 @pytest.fixture(scope="module")

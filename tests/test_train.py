@@ -14,18 +14,9 @@ from qwenvl_cli.cli import app
 from qwenvl_cli.demo import DEMO_DATA
 from qwenvl_cli.errors import QwenvlError
 from qwenvl_cli.model.checkpoint import load_checkpoint
-from qwenvl_cli.model.presets import init_model
 from qwenvl_cli.schemas import RunManifest
 from qwenvl_cli.train.presets import resolve_rules
 from qwenvl_cli.train.runner import TrainOptions, run_training
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train-models")
-    init_model("tiny", root / "tiny", seed=0)
-    init_model("tiny-base", root / "tiny-base", seed=0)
-    return root
 
 
 @pytest.fixture
