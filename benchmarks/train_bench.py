@@ -45,6 +45,8 @@ from pathlib import Path
 
 from _machine import load_average, machine_info
 
+from qwenvl_cli.train.lengths_data import make_data
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "train.json"
 PACKAGES = ["qwenvl", "torch", "transformers", "peft", "accelerate", "Pillow", "numpy"]
@@ -53,29 +55,6 @@ CONFIGS = {
     "dynamic": {},
     "packing": {"packing": True},
 }
-WORDS = [
-    "the",
-    "red",
-    "square",
-    "sits",
-    "left",
-    "of",
-    "a",
-    "small",
-    "blue",
-    "circle",
-    "while",
-    "two",
-    "green",
-    "triangles",
-    "wait",
-    "near",
-    "the",
-    "top",
-    "edge",
-]
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------------------------
@@ -86,55 +65,6 @@ def draw_lengths(n: int, low: int, high: int, kind: str, seed: int) -> list[int]
     if kind == "uniform":
         return [rng.randint(low, high) for _ in range(n)]
     return [min(high, max(low, round(math.exp(rng.uniform(math.log(low), math.log(high)))))) for _ in range(n)]
-
-
-def make_data(folder: Path, model_dir: Path, lengths: list[int], seed: int) -> list[int]:
-    """Write data.json with one sample per length (exact, under the model's template); returns the lengths."""
-    from PIL import Image, ImageDraw
-
-    from qwenvl_cli.model.template import ChatTemplate
-    from qwenvl_cli.model.tokenizer import QwenVLTokenizer
-
-    template = ChatTemplate(QwenVLTokenizer.from_pretrained(model_dir))
-    rng = random.Random(seed)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    samples, made = [], []
-    for index, target in enumerate(lengths):
-        picture = f"images/{index:05d}.png"
-        image = Image.new("RGB", (224, 224), (245, 245, 240))
-        left, top = rng.randint(0, 150), rng.randint(0, 150)
-        ImageDraw.Draw(image).rectangle((left, top, left + 60, top + 60), fill=(220, 40, 40))
-        image.save(folder / picture)
-
-        def sample(words: int, answer_words: int, picture=picture, index=index) -> dict:
-            text = " ".join(WORDS[i % len(WORDS)] for i in range(words))
-            answer = " ".join(WORDS[(i + 3) % len(WORDS)] for i in range(answer_words)) or "Red."
-            question = f"Picture 1: <img>{picture}</img>\nDescribe this. {text}"
-            return {
-                "id": f"bench-{index}",
-                "conversations": [{"from": "user", "value": question}, {"from": "assistant", "value": answer}],
-            }
-
-        def length(candidate: dict) -> int:
-            turns = [(turn["from"], turn["value"]) for turn in candidate["conversations"]]
-            return len(template.encode(turns).input_ids)
-
-        answer_words = max(1, (target - 300) // 8)  # a sizeable answer, so that the loss covers real tokens
-        low, high = 0, target
-        while low < high:  # the most filler words that keep the sample within its length
-            middle = (low + high + 1) // 2
-            if length(sample(middle, answer_words)) <= target:
-                low = middle
-            else:
-                high = middle - 1
-        best = sample(low, answer_words)
-        while length(best) > target and answer_words > 1:
-            answer_words -= 1
-            best = sample(0, answer_words)
-        samples.append(best)
-        made.append(length(best))
-    (folder / "data.json").write_text(json.dumps(samples), "utf-8")
-    return made
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -668,6 +668,89 @@ def merge_command(
     raise typer.Exit(result.exit_code)
 
 
+class ModelPreset(str, Enum):
+    tiny = "tiny"
+    tiny_base = "tiny-base"
+    qwen_vl_7b = "qwen-vl-7b"
+
+
+@app.command("profile")
+@_service_errors
+def profile_command(
+    model: Annotated[
+        Path | None, typer.Option(help="A Qwen-VL checkpoint folder (chat, or base with chat_format raw).")
+    ] = None,
+    preset: Annotated[
+        ModelPreset | None, typer.Option(help="A built-in random model instead of --model. Default: tiny.")
+    ] = None,
+    methods: Annotated[str, typer.Option(help="Comma-separated: lora-chat, lora-base, qlora, full.")] = (
+        "lora-chat,lora-base,qlora,full"
+    ),
+    lengths: Annotated[str, typer.Option(help="Comma-separated sample lengths in tokens.")] = "384,512,1024,2048",
+    batch_size: Annotated[int, typer.Option(min=1, help="Samples per device batch.")] = 1,
+    grad_accum: Annotated[int, typer.Option(min=1, help="Batches per optimizer step.")] = 8,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps measured per cell.")] = 3,
+    warmup: Annotated[int, typer.Option(min=0, help="Optimizer steps run first and not measured.")] = 1,
+    baseline: Annotated[
+        str | None, typer.Option(help="'upstream': also run every cell with --recipe upstream and report ratios.")
+    ] = None,
+    gpu_memory: Annotated[
+        str | None, typer.Option(help="Mark each cell fits / does not fit in this much memory, e.g. 24GB (GiB).")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="torch CPU threads per cell. Default: torch's own choice.")
+    ] = None,
+    output: Annotated[Path, typer.Option(help="The JSON result.")] = Path("profile.json"),
+    markdown: Annotated[Path | None, typer.Option(help="Also write the table as Markdown.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Also draw memory and s/it against length (PNG).")] = None,
+) -> None:
+    """Measure training memory and speed per method and sample length, with real optimizer steps.
+
+    Every cell runs `qwenvl train`'s code in a fresh process on synthetic samples of exactly that length,
+    one picture each; s/it is timed over the optimizer steps after --warmup. Memory is the CUDA allocator's
+    peak reserved on a GPU, the process's peak RSS on a CPU (where everything trains in fp32). A cell that runs
+    out of memory is shown as OOM and the grid goes on. Exit code 0 when the grid ran (failed cells
+    included), 2 for a refusal.
+
+    [bold]Examples[/]
+
+      qwenvl profile                                      # tiny model, all methods, 384..2048 tokens
+      qwenvl profile --methods lora-chat,full --lengths 384,512 --steps 2
+      qwenvl profile --model /models/Qwen-VL-Chat --methods lora-chat,qlora --gpu-memory 24GB
+      qwenvl profile --baseline upstream --markdown profile.md --plot profile.png
+    """
+    from .profile import ProfileOptions, parse_lengths, parse_methods, parse_size_gib, run_profile
+    from .render_profile import profile_markdown, profile_png, profile_progress, render_profile
+
+    if baseline not in (None, "upstream"):
+        raise QwenvlError(f"--baseline {baseline!r} is not known", "The one baseline is --baseline upstream")
+    options = ProfileOptions(
+        model=model,
+        preset=preset.value if preset else None,
+        methods=parse_methods(methods),
+        lengths=parse_lengths(lengths),
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        steps=steps,
+        warmup=warmup,
+        baseline=baseline,
+        gpu_memory_gib=parse_size_gib(gpu_memory) if gpu_memory else None,
+        threads=threads,
+    )
+    with profile_progress(stderr) as hook:
+        result = run_profile(options, on_cell=hook)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(result.model_dump_json(indent=2) + "\n", "utf-8")
+    render_profile(result, stdout)
+    written = [output]
+    if markdown is not None:
+        markdown.write_text(profile_markdown(result), "utf-8")
+        written.append(markdown)
+    if plot is not None:
+        written.append(profile_png(result, plot))
+    stdout.print("wrote " + ", ".join(str(path) for path in written))
+
+
 def main() -> None:
     import warnings
 

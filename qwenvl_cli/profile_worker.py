@@ -1,0 +1,116 @@
+"""One cell of `qwenvl profile`, in a fresh process so that its peak memory is its own.
+
+    python -m qwenvl_cli.profile_worker '<json spec>'
+
+Builds the cell's samples (exact length, one picture each) in a scratch folder, trains through `run_training`
+(the code `qwenvl train` runs) for warmup + steps optimizer steps, and prints one JSON line last: the
+timestamps of the optimizer steps, peak memory, and the run's counts. A failure prints a JSON line with
+`status` "oom" or "failed" and a one-line reason, and exits 1.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def run_cell(spec: dict) -> dict:
+    import torch
+
+    from qwenvl_cli.train.lengths_data import make_data
+    from qwenvl_cli.train.runner import TrainOptions, run_training
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    length = int(spec["length"])
+    steps, warmup = int(spec["steps"]), int(spec["warmup"])
+    per_step = int(spec["batch_size"]) * int(spec["grad_accum"])
+    with tempfile.TemporaryDirectory(prefix="qwenvl-profile-") as scratch:
+        work = Path(scratch)
+        made = make_data(work / "data", Path(spec["model"]), [length] * per_step * (steps + warmup), seed=0)
+        if min(made) > length:
+            return {
+                "status": "failed",
+                "reason": f"a sample of {length} tokens cannot hold one picture and an answer "
+                f"(the shortest this model's template allows is {min(made)})",
+            }
+        if max(made) != length or min(made) != length:
+            return {"status": "failed", "reason": f"could not build samples of exactly {length} tokens ({made[0]})"}
+        options = TrainOptions(
+            method=spec["method"],
+            quant=spec.get("quant"),
+            model=Path(spec["model"]),
+            data=work / "data" / "data.json",
+            output=work / "run",
+            max_length=length,
+            batch_size=spec["batch_size"],
+            grad_accum=spec["grad_accum"],
+            epochs=1.0,
+            max_steps=steps + warmup,
+            lr=1e-5,
+            lr_scheduler="constant",
+            save_steps=10**9,
+            save_total_limit=1,
+            recipe=spec.get("recipe", "qwenvl"),
+            seed=0,
+        )
+        stamps: list[float] = []
+        losses: list[float] = []
+
+        def on_event(kind: str, payload: dict) -> None:
+            if kind == "steps":
+                stamps[:] = [time.perf_counter()]
+            elif kind == "log":
+                stamps.append(time.perf_counter())
+                losses.append(float(payload["loss"]))
+
+        gpu = torch.cuda.is_available()
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+        result = run_training(options, on_event=on_event)
+        record = {
+            "status": "ok",
+            "stamps": stamps,
+            "losses": losses,
+            "global_step": result.global_step,
+            "samples_seen": result.samples_seen,
+            "parameters": result.total_parameters,
+            "trainable_parameters": result.trainable_parameters,
+            "precision": result.precision,
+            "train_seconds": result.train_seconds,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB on Linux
+            "device_name": torch.cuda.get_device_name(0) if gpu else "cpu",
+        }
+        if gpu:
+            record["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            record["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+        return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    spec = json.loads((argv if argv is not None else sys.argv[1:])[0])
+    try:
+        record = run_cell(spec)
+    except Exception as error:  # reported to the parent as the cell's reason; the grid goes on
+        import torch
+
+        oom = isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+        from qwenvl_cli.errors import QwenvlError
+
+        reason = (str(error).strip().splitlines() or [""])[0]
+        if not isinstance(error, QwenvlError):
+            reason = f"{type(error).__name__}: {reason}"
+        record = {"status": "oom" if oom else "failed", "reason": reason[:300]}
+    print(json.dumps(record), flush=True)
+    return 0 if record["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

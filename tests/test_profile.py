@@ -1,0 +1,205 @@
+"""`qwenvl profile`: the grid runs real optimizer steps on CPU, writes JSON/Markdown/PNG, keeps going past a
+failed cell, and refuses bad flags with exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from qwenvl_cli import profile as profile_service
+from qwenvl_cli.cli import app
+from qwenvl_cli.profile import ProfileResult, mfu, parse_size_gib
+
+runner = CliRunner()
+# one torch thread: on a CPU shared with other jobs, more threads than free cores slow a step many times over
+FAST = ("--preset", "tiny", "--steps", "2", "--warmup", "1", "--grad-accum", "1", "--threads", "1")
+
+
+def invoke(*args: str):
+    return runner.invoke(app, ["profile", *args], env={"COLUMNS": "160", "NO_COLOR": "1"})
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """One real grid on CPU: lora-chat at 320 and 384 tokens, each against --recipe upstream (4 processes)."""
+    folder = tmp_path_factory.mktemp("profile")
+    result = invoke(
+        *FAST,
+        "--methods",
+        "lora-chat",
+        "--lengths",
+        "384,320",
+        "--baseline",
+        "upstream",
+        "--gpu-memory",
+        "24GB",
+        "--output",
+        str(folder / "profile.json"),
+        "--markdown",
+        str(folder / "profile.md"),
+        "--plot",
+        str(folder / "profile.png"),
+    )
+    return folder, result
+
+
+def test_grid_runs_on_cpu_and_writes_json(grid):
+    folder, result = grid
+    assert result.exit_code == 0, result.output
+    profile = ProfileResult.model_validate_json((folder / "profile.json").read_text("utf-8"))
+    assert profile.device == "cpu" and profile.lengths == [320, 384]
+    assert any("fp32" in note for note in profile.notes)
+    cells = [(c.method, c.length, c.status) for c in profile.cells]
+    assert cells == [("lora-chat", 320, "ok"), ("lora-chat", 384, "ok")]
+    for cell in profile.cells + profile.baseline_cells:
+        assert cell.status == "ok", cell.reason
+        assert cell.seconds_per_step > 0 and cell.tokens_per_second > 0 and cell.memory_gib > 0
+        assert len(cell.step_seconds) == 2  # the steps after the warmup
+        assert cell.tokens_per_second == pytest.approx(cell.length / cell.seconds_per_step, rel=0.01)
+        assert cell.mfu is None  # no GPU, no peak FLOP/s
+        assert cell.precision == "fp32"
+    assert "lora-chat" in result.stdout and "s/it" in result.stdout
+
+
+def test_baseline_upstream_gives_ratios(grid):
+    folder, result = grid
+    profile = json.loads((folder / "profile.json").read_text("utf-8"))
+    assert {c["recipe"] for c in profile["baseline_cells"]} == {"upstream"}
+    assert len(profile["ratios"]) == 2
+    for ratio in profile["ratios"]:
+        assert ratio["seconds_per_step_vs_upstream"] > 0 and ratio["memory_vs_upstream"] > 0
+    assert "against --recipe upstream" in result.stdout
+
+
+def test_gpu_memory_marks_fits(grid):
+    folder, result = grid
+    profile = ProfileResult.model_validate_json((folder / "profile.json").read_text("utf-8"))
+    assert profile.gpu_memory_gib == 24
+    assert all(cell.fits is True for cell in profile.cells)  # a tiny model's process stays far below 24 GiB
+    assert "✓" in result.stdout
+
+
+def test_markdown_and_png_are_written(grid):
+    folder, _ = grid
+    markdown = (folder / "profile.md").read_text("utf-8")
+    assert "| method | 320 | 384 |" in markdown
+    assert "| lora-chat | " in markdown and "s/it" in markdown
+    with Image.open(folder / "profile.png") as image:
+        assert image.format == "PNG" and image.size[0] > 400
+
+
+def test_failed_cell_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_worker(spec):
+        calls.append((spec["method"], spec["length"]))
+        if spec["method"] == "full" and spec["length"] == 100:
+            return -9, "", ""  # killed from outside, no last words
+        if spec["method"] == "full":
+            return 1, "", "Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+        if spec["length"] == 100:
+            return 1, '{"status": "failed", "reason": "a sample of 100 tokens cannot hold one picture"}\n', ""
+        stamps = [0.0, 1.0, 1.5, 2.0]
+        record = {
+            "status": "ok",
+            "stamps": stamps,
+            "losses": [5.0, 4.9, 4.8],
+            "parameters": 1000,
+            "trainable_parameters": 10,
+            "precision": "fp32",
+            "peak_rss_gib": 0.5,
+            "device_name": "cpu",
+        }
+        return 0, "log line\n" + json.dumps(record) + "\n", ""
+
+    monkeypatch.setattr(profile_service, "run_worker", fake_worker)
+    result = invoke(*FAST, "--methods", "lora-chat,full", "--lengths", "100,320", "--output", str(tmp_path / "p.json"))
+    assert result.exit_code == 0, result.output
+    assert calls == [("lora", 100), ("lora", 320), ("full", 100), ("full", 320)]
+    profile = ProfileResult.model_validate_json((tmp_path / "p.json").read_text("utf-8"))
+    by_cell = {(c.method, c.length): c for c in profile.cells}
+    assert by_cell["lora-chat", 100].status == "failed"
+    assert "cannot hold one picture" in by_cell["lora-chat", 100].reason
+    assert by_cell["lora-chat", 320].status == "ok"
+    assert by_cell["lora-chat", 320].seconds_per_step == pytest.approx(0.5)  # steps after the 1 warmup step
+    assert by_cell["full", 320].status == "oom"
+    assert by_cell["full", 100].status == "failed" and "signal 9" in by_cell["full", 100].reason
+    assert "OOM" in result.stdout and "failed" in result.stdout
+
+
+def test_gpu_record_gives_reserved_memory_mfu_and_fits(tmp_path, monkeypatch):
+    record = {
+        "status": "ok",
+        "stamps": [0.0, 3.0, 5.0, 7.0],
+        "losses": [2.0, 1.9, 1.8],
+        "parameters": 9_600_000_000,
+        "trainable_parameters": 1000,
+        "precision": "bf16",
+        "peak_rss_gib": 3.0,
+        "peak_allocated_gib": 20.0,
+        "peak_reserved_gib": 23.5,
+        "device_name": "NVIDIA H100 80GB HBM3",
+    }
+    monkeypatch.setattr(profile_service, "run_worker", lambda spec: (0, json.dumps(record), ""))
+    flags = ("--methods", "lora-chat", "--lengths", "2048", "--gpu-memory", "24GB")
+    result = invoke(*FAST, *flags, "--output", str(tmp_path / "p.json"))
+    assert result.exit_code == 0, result.output
+    cell = ProfileResult.model_validate_json((tmp_path / "p.json").read_text("utf-8")).cells[0]
+    assert cell.seconds_per_step == pytest.approx(2.0) and cell.memory_gib == pytest.approx(23.5)
+    assert cell.fits is True and cell.peak_allocated_gib == pytest.approx(20.0)
+    assert cell.mfu == pytest.approx(6 * 9.6e9 * 1024 / 989e12, rel=1e-3)
+    assert "23.5G / 2.00s/it" in result.stdout
+
+
+def test_real_cell_too_short_for_a_picture_fails_with_its_reason(tmp_path):
+    result = invoke(*FAST, "--methods", "lora-chat", "--lengths", "100", "--output", str(tmp_path / "p.json"))
+    assert result.exit_code == 0, result.output
+    cell = ProfileResult.model_validate_json((tmp_path / "p.json").read_text("utf-8")).cells[0]
+    assert cell.status == "failed" and "cannot hold one picture" in cell.reason
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("--lengths", "384,abc"), "comma-separated"),
+        (("--lengths", "8"), "at least 16"),
+        (("--methods", "lora-chat,dora"), "unknown method 'dora'"),
+        (("--baseline", "deepspeed"), "--baseline upstream"),
+        (("--gpu-memory", "lots"), "not a size"),
+    ],
+)
+def test_refusals_exit_2(args, words, tmp_path):
+    result = invoke(*args, "--output", str(tmp_path / "p.json"))
+    assert result.exit_code == 2
+    assert words in result.output
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_qwen_vl_7b_without_a_gpu_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(profile_service, "_gpu", lambda: False)
+    result = invoke("--preset", "qwen-vl-7b", "--output", str(tmp_path / "p.json"))
+    assert result.exit_code == 2
+    assert "needs a GPU" in result.output
+
+
+def test_qwen_vl_7b_on_a_gpu_says_not_built_yet(tmp_path, monkeypatch):
+    monkeypatch.setattr(profile_service, "_gpu", lambda: True)
+    result = invoke("--preset", "qwen-vl-7b", "--output", str(tmp_path / "p.json"))
+    assert result.exit_code == 2
+    assert "not built yet" in result.output
+
+
+def test_gpu_helpers():
+    assert parse_size_gib("24GB") == 24 and parse_size_gib("80g") == 80 and parse_size_gib("512MiB") == 0.5
+    assert mfu(7_000_000_000, 1000, "NVIDIA H100 80GB HBM3") == pytest.approx(6 * 7e12 / 989e12)
+    assert mfu(7_000_000_000, 1000, "NVIDIA A100-SXM4-80GB") == pytest.approx(6 * 7e12 / 312e12)
+    assert mfu(7_000_000_000, 1000, "Tesla T4") is None
+
+
+def test_help_has_examples():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    assert "qwenvl profile --methods lora-chat,full" in result.stdout
