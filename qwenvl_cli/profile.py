@@ -48,6 +48,8 @@ class ProfileOptions(BaseModel):
     baseline: Literal["upstream"] | None = None
     gpu_memory_gib: float | None = None
     threads: int | None = None  # torch threads per cell (CPU)
+    gradient_checkpointing: bool = True  # as the upstream scripts train
+    vocab: Path | None = None  # qwen-vl-7b: a qwen.tiktoken (default: the tiny vocabulary in 151,936 rows)
 
 
 class ProfileCell(BaseModel):
@@ -94,6 +96,7 @@ class ProfileResult(BaseModel):
     warmup: int
     baseline: str | None = None
     gpu_memory_gib: float | None = None
+    gradient_checkpointing: bool = True
     cells: list[ProfileCell]
     baseline_cells: list[ProfileCell] = Field(default_factory=list)
     ratios: list[ProfileRatio] = Field(default_factory=list)
@@ -186,25 +189,37 @@ def _models(options: ProfileOptions, scratch: Path) -> dict[str, Path | str]:
         )
         return {"chat": other if base else folder, "base": folder if base else other}
     preset = options.preset or "tiny"
-    if preset == "qwen-vl-7b":
-        if not _gpu():
-            raise QwenvlError(
-                "--preset qwen-vl-7b needs a GPU: a 7B model trains at seconds per token on a CPU, and its random "
-                "weights alone are about 19 GB",
-                "Profile on a CUDA machine, or use --preset tiny here",
-            )
+    if options.vocab is not None and preset != "qwen-vl-7b":
+        raise QwenvlError("--vocab goes with --preset qwen-vl-7b", "Drop --vocab, or profile --preset qwen-vl-7b")
+    if preset == "qwen-vl-7b" and not _gpu():
         raise QwenvlError(
-            "--preset qwen-vl-7b is not built yet: init_model writes its random 7B weights to disk (about 19 GB) "
-            "rather than building them in memory, and profile does not write that",
-            "Pass --model DIR with a real Qwen-VL checkpoint (Qwen-VL for lora-base, Qwen-VL-Chat for the others)",
+            "--preset qwen-vl-7b needs a GPU: a 7B model trains at seconds per token on a CPU, and its random "
+            "weights alone are about 19 GB",
+            "Profile on a CUDA machine, or use --preset tiny here",
         )
     from .model.presets import init_model
 
     needed = {"chat": any(m != "lora-base" for m in options.methods), "base": "lora-base" in options.methods}
+    names = (
+        {"chat": "qwen-vl-7b", "base": "qwen-vl-7b-base"}
+        if preset == "qwen-vl-7b"
+        else {
+            "chat": "tiny",
+            "base": "tiny-base",
+        }
+    )
+    vocab = options.vocab
+    if preset == "qwen-vl-7b" and vocab is None:
+        from .model.presets import tiny_ranks
+        from .model.tokenizer import VOCAB_FILE, write_ranks
+
+        vocab = scratch / VOCAB_FILE
+        write_ranks(tiny_ranks(), vocab)
     folders: dict[str, Path | str] = {}
-    for kind, name in (("chat", "tiny"), ("base", "tiny-base")):
+    for kind, name in names.items():
         if needed[kind]:
-            init_model(name, scratch / name, seed=0)
+            # qwen-vl-7b: config, vocabulary and generation config only; each cell builds random weights on the GPU
+            init_model(name, scratch / name, seed=0, vocab=vocab)
             folders[kind] = scratch / name
     return folders
 
@@ -260,6 +275,8 @@ def _cell(method: str, length: int, recipe: str, folder: Path | str, options: Pr
         "warmup": options.warmup,
         "recipe": recipe,
         "threads": options.threads,
+        "gradient_checkpointing": options.gradient_checkpointing,
+        "random_weights": options.preset == "qwen-vl-7b",
     }
     started = time.perf_counter()
     code, out, err = run_worker(spec)
@@ -307,15 +324,18 @@ def _cell(method: str, length: int, recipe: str, folder: Path | str, options: Pr
     )
 
 
-def run_profile(options: ProfileOptions, on_cell: CellHook | None = None) -> ProfileResult:
-    """Run the grid; `on_cell(kind, payload)` hears ("start", {"total"}), ("cell", {"label"}) and ("done", {...})."""
+def run_profile(
+    options: ProfileOptions,
+    on_cell: CellHook | None = None,
+    on_result: Callable[[ProfileResult], None] | None = None,
+) -> ProfileResult:
+    """Run the grid; `on_cell(kind, payload)` hears ("start", {"total"}), ("cell", {"label"}) and ("done", {...});
+    `on_result` gets the result so far after every cell (the CLI rewrites its JSON: a grid cut short keeps
+    what it measured)."""
     emit = on_cell or (lambda kind, payload: None)
     started = time.perf_counter()
     gpu = _gpu()
     recipes = ["qwenvl"] + (["upstream"] if options.baseline == "upstream" else [])
-    notes = []
-    if not gpu:
-        notes.append("CPU: every method trains in fp32 (no bf16/fp16 mixed precision); memory is the peak RSS")
     with tempfile.TemporaryDirectory(prefix="qwenvl-profile-models-") as scratch:
         folders = _models(options, Path(scratch))
         device = "cpu"
@@ -334,6 +354,20 @@ def run_profile(options: ProfileOptions, on_cell: CellHook | None = None) -> Pro
             cell = _cell(method, length, recipe, folders[kind], options)
             cells.append(cell)
             emit("done", cell.model_dump())
+            if on_result is not None:
+                on_result(_result(options, cells, device, gpu, started))
+    return _result(options, cells, device, gpu, started)
+
+
+def _result(options: ProfileOptions, cells: list[ProfileCell], device: str, gpu: bool, started: float) -> ProfileResult:
+    notes = []
+    if not gpu:
+        notes.append("CPU: every method trains in fp32 (no bf16/fp16 mixed precision); memory is the peak RSS")
+    if options.preset == "qwen-vl-7b":
+        notes.append(
+            "qwen-vl-7b: the official sizes with random weights built on the GPU in each cell (NF4 for qlora); "
+            + ("the official vocabulary" if options.vocab else "the built-in vocabulary in the official 151,936 rows")
+        )
     model = str(options.model) if options.model is not None else f"preset {options.preset or 'tiny'}"
     main = [cell for cell in cells if cell.recipe == "qwenvl"]
     baseline = [cell for cell in cells if cell.recipe == "upstream"]
@@ -354,7 +388,7 @@ def run_profile(options: ProfileOptions, on_cell: CellHook | None = None) -> Pro
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         model=model,
         device=device,
-        memory_kind="peak reserved by the CUDA allocator" if gpu else "peak RSS of the cell's process",
+        memory_kind="peak reserved by the CUDA allocator during training" if gpu else "peak RSS of the cell's process",
         notes=notes,
         methods=options.methods,
         lengths=options.lengths,
@@ -364,6 +398,7 @@ def run_profile(options: ProfileOptions, on_cell: CellHook | None = None) -> Pro
         warmup=options.warmup,
         baseline=options.baseline,
         gpu_memory_gib=options.gpu_memory_gib,
+        gradient_checkpointing=options.gradient_checkpointing,
         cells=main,
         baseline_cells=baseline,
         ratios=ratios,

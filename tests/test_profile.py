@@ -4,6 +4,8 @@ failed cell, and refuses bad flags with exit code 2."""
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -185,11 +187,49 @@ def test_qwen_vl_7b_without_a_gpu_is_refused(tmp_path, monkeypatch):
     assert "needs a GPU" in result.output
 
 
-def test_qwen_vl_7b_on_a_gpu_says_not_built_yet(tmp_path, monkeypatch):
+def test_qwen_vl_7b_on_a_gpu_builds_the_official_sizes_in_each_cell(tmp_path, monkeypatch):
+    """No weight file is written: each cell gets a folder with config, vocabulary and generation config, and
+    builds random weights of those sizes on the device (random_weights in the worker's spec)."""
+    import torch
+
     monkeypatch.setattr(profile_service, "_gpu", lambda: True)
-    result = invoke("--preset", "qwen-vl-7b", "--output", str(tmp_path / "p.json"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA H100 80GB HBM3")
+    seen = []
+
+    def fake_worker(spec):
+        folder = Path(spec["model"])
+        config = json.loads((folder / "config.json").read_text())
+        generation = json.loads((folder / "generation_config.json").read_text())
+        seen.append((spec, config, generation, sorted(path.name for path in folder.iterdir())))
+        if len(seen) > 1:  # the JSON is rewritten after every cell: a grid cut short keeps what it measured
+            partial = json.loads((tmp_path / "p.json").read_text())
+            assert len(partial["cells"]) == len(seen) - 1
+        return 1, json.dumps({"status": "oom", "reason": "CUDA out of memory"}), ""
+
+    monkeypatch.setattr(profile_service, "run_worker", fake_worker)
+    result = invoke(
+        "--preset", "qwen-vl-7b", "--methods", "lora-chat,lora-base,qlora", "--lengths", "2048",
+        "--output", str(tmp_path / "p.json"),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert [spec["method"] for spec, *_ in seen] == ["lora", "lora", "qlora"]
+    for spec, config, _generation, files in seen:
+        assert files == ["config.json", "generation_config.json", "qwen.tiktoken"]
+        assert spec["random_weights"] is True and spec["gradient_checkpointing"] is True
+        assert (config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]) == (4096, 32, 22016)
+        assert config["vocab_size"] == 151936 and config["visual"]["image_size"] == 448
+    assert [generation.get("chat_format") for _, _, generation, _ in seen] == ["chatml", "raw", "chatml"]
+    assert seen[2][0]["quant"] == "nf4"
+    cells = json.loads((tmp_path / "p.json").read_text())["cells"]
+    assert [cell["status"] for cell in cells] == ["oom", "oom", "oom"]
+
+
+def test_vocab_goes_with_the_7b_preset(tmp_path):
+    vocab = tmp_path / "qwen.tiktoken"
+    vocab.write_text("")
+    result = invoke("--vocab", str(vocab), "--output", str(tmp_path / "p.json"))
     assert result.exit_code == 2
-    assert "not built yet" in result.output
+    assert "--vocab goes with --preset qwen-vl-7b" in result.output
 
 
 def test_gpu_helpers():
@@ -203,3 +243,47 @@ def test_help_has_examples():
     result = invoke("--help")
     assert result.exit_code == 0
     assert "qwenvl profile --methods lora-chat,full" in result.stdout
+
+
+def test_random_weights_cells_train_without_a_weight_file(tmp_path):
+    """The path --preset qwen-vl-7b takes on a GPU, here with the tiny sizes: a folder without weights, random
+    weights built in the cell (NF4 for qlora), real optimizer steps."""
+    from qwenvl_cli.model.presets import init_model
+    from qwenvl_cli.profile_worker import run_cell
+
+    init_model("tiny", tmp_path / "tiny", weights=False)
+    assert not list((tmp_path / "tiny").glob("*.safetensors"))
+    for method, quant in (("lora", None), ("qlora", "nf4")):
+        spec = {
+            "model": str(tmp_path / "tiny"), "method": method, "quant": quant, "length": 384, "batch_size": 1,
+            "grad_accum": 2, "steps": 1, "warmup": 1, "gradient_checkpointing": True, "random_weights": True,
+        }  # fmt: skip
+        record = run_cell(spec)
+        assert record["status"] == "ok", record
+        assert record["global_step"] == 2 and len(record["stamps"]) == 3
+        assert all(0 < loss < 20 for loss in record["losses"])
+        assert record["trainable_parameters"] > 0
+
+
+def test_random_nf4_model_keeps_frozen_weights_16_bit_under_qlora():
+    """Q-LoRA: adapters in fp32, every frozen non-quantised weight (ViT, wte, lm_head) left in fp16 — peft's
+    prepare_model_for_kbit_training would upcast them all to fp32."""
+    import torch
+
+    from qwenvl_cli.model.presets import build_random, init_model
+    from qwenvl_cli.train.presets import resolve_rules
+    from qwenvl_cli.train.runner import TrainOptions, _apply_method
+
+    with tempfile.TemporaryDirectory() as scratch:
+        init_model("tiny", Path(scratch) / "tiny", weights=False)
+        default = torch.get_default_dtype()
+        model, _ = build_random(Path(scratch) / "tiny", torch.float16, "cpu", quant="nf4")
+    assert torch.get_default_dtype() == default
+    assert sum(type(m).__name__ == "Linear4bit" for m in model.modules()) == 5 * model.config.num_hidden_layers
+    rules = resolve_rules("qlora", gpu=True)
+    model = _apply_method(model, TrainOptions(method="qlora"), rules)
+    trainable = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+    frozen = {p.dtype for name, p in model.named_parameters() if not p.requires_grad and p.is_floating_point()}
+    assert trainable and all("lora_" in name for name in trainable)
+    assert set(trainable.values()) == {torch.float32}
+    assert frozen == {torch.float16}

@@ -24,7 +24,9 @@ from .config import OFFICIAL_VISUAL, QwenVLConfig
 from .tokenizer import IMG_START, SPECIAL_TOKENS, VOCAB_FILE, QwenVLTokenizer, train_bpe_ranks, write_ranks
 
 TINY_RANKS = 1024
-PRESETS = ("tiny", "tiny-base", "qwen-vl-7b")
+PRESETS = ("tiny", "tiny-base", "qwen-vl-7b", "qwen-vl-7b-base")
+BASE_PRESETS = ("tiny-base", "qwen-vl-7b-base")  # chat_format "raw": no ChatML template
+OFFICIAL_VOCAB_SIZE = 151936  # rows of wte and lm_head in every official Qwen-VL checkpoint
 _COLOURS = ("red", "green", "blue", "yellow", "black", "white", "orange", "purple")
 _SHAPES = ("square", "circle", "triangle", "shape", "dog", "cat", "shirt", "car")
 _NUMBERS = ("one", "two", "three", "four", "no", "1", "2", "3", "4", "5", "6", "7", "8", "9", "0")
@@ -103,22 +105,65 @@ def preset_config(preset: str, num_ranks: int) -> QwenVLConfig:
                 "width": 64,
             },
         )
-    if preset == "qwen-vl-7b":
+    if preset in ("qwen-vl-7b", "qwen-vl-7b-base"):
+        # The official embedding size whatever the vocabulary (the official one fills it; a smaller one, as
+        # `qwenvl profile` uses, leaves rows unused): memory and speed are the official model's.
+        if num_ranks + len(SPECIAL_TOKENS) > OFFICIAL_VOCAB_SIZE:
+            raise QwenvlError(
+                f"a vocabulary of {num_ranks} ranks does not fit Qwen-VL's {OFFICIAL_VOCAB_SIZE} embedding rows",
+                "Pass the official qwen.tiktoken with --vocab",
+            )
         visual = dict(OFFICIAL_VISUAL, image_start_id=image_start)
-        return QwenVLConfig(vocab_size=_padded_vocab(num_ranks + len(SPECIAL_TOKENS), 128), bf16=True, visual=visual)
+        return QwenVLConfig(vocab_size=OFFICIAL_VOCAB_SIZE, bf16=True, visual=visual)
     raise QwenvlError(f"unknown preset {preset!r}", f"Choose one of {', '.join(PRESETS)}")
 
 
 def build_model(
     config: QwenVLConfig, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ):
-    """A randomly initialised model (deterministic for a seed)."""
+    """A randomly initialised model (deterministic for a seed). In fp32 the values are drawn in fp32; in a
+    16-bit dtype they are drawn in it directly, so a 7B model never exists in fp32 (38 GB) on the way."""
     from .modeling import QwenVLForCausalLM
 
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = QwenVLForCausalLM(config)
+    default = torch.get_default_dtype()
+    try:
+        if dtype != torch.float32:
+            torch.set_default_dtype(dtype)
+        with torch.device(device):
+            model = QwenVLForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
     return model.to(dtype)
+
+
+def build_random(
+    folder: str | Path,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    quant: str | None = None,
+    seed: int = 0,
+) -> tuple[Any, QwenVLTokenizer]:
+    """(model in eval mode, tokenizer) with random weights for a folder's config.json and vocabulary, built
+    directly on `device`: what `qwenvl profile --preset qwen-vl-7b` trains, where the values do not matter
+    for speed and memory and a 19 GB file would. `quant="nf4"` swaps the LM's Linear layers for 4-bit ones
+    (the layers the Int4 checkpoint quantises), one at a time."""
+    folder = Path(folder)
+    config = QwenVLConfig.from_folder(folder)
+    tokenizer = QwenVLTokenizer.from_pretrained(folder)
+    if quant not in (None, "nf4"):
+        raise QwenvlError(
+            f"random weights are built in bf16/fp16 or NF4, not {quant}",
+            "Profile Q-LoRA with NF4 (the same layers in 4 bits), or pass --model with a GPTQ checkpoint",
+        )
+    model = build_model(config, seed, device=device, dtype=dtype)
+    if quant == "nf4":
+        from .quant import swap_in_nf4
+
+        swap_in_nf4(model, compute_dtype=dtype, device=device)
+    model.transformer.visual.attn_pool.pos_embed.requires_grad_(False)
+    model.eval()
+    return model, tokenizer
 
 
 def init_model(
@@ -138,16 +183,16 @@ def init_model(
         tokenizer = QwenVLTokenizer.from_file(vocab)
         vocab_path = Path(vocab)
     else:
-        if preset == "qwen-vl-7b":
+        if preset.startswith("qwen-vl-7b"):
             raise QwenvlError(
-                "the qwen-vl-7b preset needs the official vocabulary",
+                f"the {preset} preset needs the official vocabulary",
                 "Pass --vocab path/to/qwen.tiktoken (from any Qwen-VL checkpoint)",
             )
         tokenizer = QwenVLTokenizer(tiny_ranks(), name="tiny")
         vocab_path = None
     config = preset_config(preset, tokenizer.num_ranks)
-    generation = default_generation_config(tokenizer, chat=preset != "tiny-base")
-    write_weights = preset != "qwen-vl-7b" if weights is None else weights
+    generation = default_generation_config(tokenizer, chat=preset not in BASE_PRESETS)
+    write_weights = not preset.startswith("qwen-vl-7b") if weights is None else weights
     with tempfile.TemporaryDirectory() as scratch:
         if vocab_path is None:
             vocab_path = Path(scratch) / VOCAB_FILE

@@ -119,8 +119,17 @@ def load_nf4(
     else stays in `compute_dtype`. Returns (model in eval mode, tokenizer); `model.is_loaded_in_4bit`
     is set, which is how peft knows to wrap these layers with its bnb LoRA layers.
     """
-    bnb = _import_bitsandbytes()
     model, tokenizer = load_checkpoint(folder, dtype=compute_dtype, device="cpu")
+    swap_in_nf4(model, compute_dtype, double_quant, device)
+    return model, tokenizer
+
+
+def swap_in_nf4(
+    model, compute_dtype: torch.dtype, double_quant: bool = True, device: str | torch.device = "cpu"
+) -> None:
+    """Replace each layer of `QUANTISED_LAYERS` by a bitsandbytes NF4 `Linear4bit`, one layer at a time
+    (its weight is quantised as it moves to `device`), then move the rest of the model to `device`."""
+    bnb = _import_bitsandbytes()
     for name in quantised_layer_names(model.config):
         linear = model.get_submodule(name)
         quantised = bnb.nn.Linear4bit(
@@ -138,10 +147,10 @@ def load_nf4(
         if linear.bias is not None:
             quantised.bias = nn.Parameter(linear.bias.data, requires_grad=linear.bias.requires_grad)
         model.set_submodule(name, quantised.to(device))  # Params4bit quantises on this move
+        del linear
     model.to(device)
     model.is_loaded_in_4bit = True
     model.eval()
-    return model, tokenizer
 
 
 # --- GPTQ Int4 -----------------------------------------------------------------------------------------
