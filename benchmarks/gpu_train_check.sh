@@ -54,17 +54,18 @@ $Q data synth --output "$WORK/colours" --n 840 --image-size 56 --eval-fraction 0
 DATA="--data $WORK/colours/train.json --eval-data $WORK/colours/eval.json"
 FAST="--max-steps 8 --batch-size 8 --grad-accum 1 --save-steps 4"
 
+# Most telling first: with BUDGET_S the tail may not run.
 step full-bf16 - -- $Q train --method full --precision bf16 --model "$WORK/tiny" $DATA $FAST --output "$WORK/r-full"
-step lora-bf16 - -- $Q train --method lora --precision bf16 --model "$WORK/tiny" $DATA $FAST --output "$WORK/r-lora"
-step lora-base-bf16 - -- $Q train --method lora --model "$WORK/tiny-base" $DATA $FAST --output "$WORK/r-lora-base"
+step fsdp-full-1gpu - -- $Q train --method full --engine fsdp --model "$WORK/tiny" $DATA $FAST --output "$WORK/r-fsdp"
 step lora-fp16 - -- $Q train --method lora --precision fp16 --model "$WORK/tiny" $DATA $FAST --output "$WORK/r-lora-fp16"
 step qlora-nf4-fp16 bitsandbytes -- $Q train --method qlora --quant nf4 --model "$WORK/tiny" $DATA $FAST --output "$WORK/r-qlora"
+step fsdp-lora-1gpu - -- $Q train --method lora --engine fsdp --gradient-checkpointing --model "$WORK/tiny" $DATA $FAST --output "$WORK/r-fsdp-lora"
+step lora-base-bf16 - -- $Q train --method lora --model "$WORK/tiny-base" $DATA $FAST --output "$WORK/r-lora-base"
+step lora-bf16 - -- $Q train --method lora --precision bf16 --model "$WORK/tiny" $DATA $FAST --output "$WORK/r-lora"
 step qlora-bf16-refused - -- bash -c "! $Q train --method qlora --quant nf4 --precision bf16 --model $WORK/tiny --output $WORK/r-x"
+step packing-bf16 - -- $Q train --method full --packing --max-length 1024 --model "$WORK/tiny" $DATA $FAST --output "$WORK/r-pack"
 step deepspeed-zero2-1gpu deepspeed -- $Q train --engine deepspeed --zero 2 --model "$WORK/tiny" $DATA $FAST --output "$WORK/r-ds2"
 step deepspeed-zero3-1gpu deepspeed -- $Q train --method full --engine deepspeed --zero 3 --model "$WORK/tiny" $DATA $FAST --output "$WORK/r-ds3"
-step fsdp-full-1gpu - -- $Q train --method full --engine fsdp --model "$WORK/tiny" $DATA $FAST --output "$WORK/r-fsdp"
-step fsdp-lora-1gpu - -- $Q train --method lora --engine fsdp --gradient-checkpointing --model "$WORK/tiny" $DATA $FAST --output "$WORK/r-fsdp-lora"
-step packing-bf16 - -- $Q train --method full --packing --max-length 1024 --model "$WORK/tiny" $DATA $FAST --output "$WORK/r-pack"
 for run in r-fsdp r-ds3 r-full; do  # the sharded runs wrote complete models: they load and answer
   step "eval-$run" - -- $Q eval --model "$WORK/$run" --data "$WORK/colours/eval.json" --limit 20
 done

@@ -147,6 +147,7 @@ class Preset(str, Enum):
     tiny = "tiny"
     tiny_base = "tiny-base"
     qwen_vl_7b = "qwen-vl-7b"
+    qwen_vl_7b_base = "qwen-vl-7b-base"
 
 
 @app.command("init-model")
@@ -157,7 +158,8 @@ def init_model_command(
         Preset,
         typer.Option(
             help="tiny: chat model for tests and demos; tiny-base: the same as a "
-            "base model (chat_format raw); qwen-vl-7b: the official sizes."
+            "base model (chat_format raw); qwen-vl-7b: the official sizes (Qwen-VL-Chat); qwen-vl-7b-base: "
+            "the same as a base model (Qwen-VL)."
         ),
     ] = Preset.tiny,
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
@@ -168,7 +170,7 @@ def init_model_command(
         bool | None,
         typer.Option(
             "--weights/--no-weights",
-            help="Write random weights (default: yes, except for qwen-vl-7b).",
+            help="Write random weights (default: yes, except for the qwen-vl-7b presets).",
             show_default=False,
         ),
     ] = None,
@@ -524,6 +526,32 @@ def _merge_config(ctx: typer.Context, values: dict, config: Path) -> dict:
     return merged
 
 
+# Generation flags, shared by `chat` and `serve-ui`.
+MaxNewTokensOption = Annotated[int, typer.Option(help="Longest answer, in tokens.")]
+TemperatureOption = Annotated[float, typer.Option(help="0: greedy; above 0: sampling.")]
+TopPOption = Annotated[float, typer.Option(help="Nucleus sampling: keep the smallest set of this probability.")]
+TopKOption = Annotated[int, typer.Option(help="Sample among the k likeliest tokens (0: off).")]
+RepetitionPenaltyOption = Annotated[float, typer.Option(help="Above 1 discourages repeating tokens.")]
+SeedOption = Annotated[int | None, typer.Option(help="Seed for sampling (the same seed, the same answer).")]
+
+
+def _generation_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed):
+    """The generation flags as GenerationSettings, refused with the flag named when they cannot work."""
+    from .chat import check_settings
+    from .model.generation import GenerationSettings
+
+    settings = GenerationSettings(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
+    check_settings(settings)
+    return settings
+
+
 @app.command("chat")
 @_service_errors
 def chat_command(
@@ -543,12 +571,12 @@ def chat_command(
     save_dir: Annotated[Path, typer.Option(help="Where pictures with the boxes of grounded answers are saved.")] = Path(
         "chat-pictures"
     ),
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 512,
-    temperature: Annotated[float, typer.Option(help="0: greedy; above 0: sampling.")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling: keep the smallest set of this probability.")] = 1.0,
-    top_k: Annotated[int, typer.Option(help="Sample among the k likeliest tokens (0: off).")] = 0,
-    repetition_penalty: Annotated[float, typer.Option(help="Above 1 discourages repeating tokens.")] = 1.0,
-    seed: Annotated[int | None, typer.Option(help="Seed for sampling (the same seed, the same answer).")] = None,
+    max_new_tokens: MaxNewTokensOption = 512,
+    temperature: TemperatureOption = 0.0,
+    top_p: TopPOption = 1.0,
+    top_k: TopKOption = 0,
+    repetition_penalty: RepetitionPenaltyOption = 1.0,
+    seed: SeedOption = None,
 ) -> None:
     """Talk to a model about pictures: streamed answers, grounding boxes drawn on the picture.
 
@@ -564,19 +592,10 @@ def chat_command(
       qwenvl chat --model ./Qwen-VL-Chat --adapter runs/chat-lora --image photo.jpg
       qwenvl chat --model ./Qwen-VL-Chat --image photo.jpg --prompt "Where is the dog?" --json
     """
-    from .chat import ask_once, check_settings, open_conversation
-    from .model.generation import GenerationSettings
+    from .chat import ask_once, open_conversation
     from .render_chat import chat_loop, render_boxes
 
-    settings = GenerationSettings(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-    )
-    check_settings(settings)
+    settings = _generation_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
     if json_output and prompt is None:
         raise QwenvlError("--json goes with --prompt", "Add --prompt TEXT, or leave out --json to chat")
     if model is None:
@@ -597,6 +616,77 @@ def chat_command(
     result = ask_once(conversation, prompt, settings, save_dir, lambda piece: stdout.out(piece, end=""))
     stdout.out("")
     render_boxes(result, stderr)
+
+
+@app.command("serve-ui")
+@_service_errors
+def serve_ui_command(
+    model: Annotated[Path, typer.Option(help="Checkpoint folder (a Qwen-VL checkpoint, or one qwenvl wrote).")],
+    adapter: Annotated[Path | None, typer.Option(help="LoRA adapter folder (a train run) to apply.")] = None,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on. 0.0.0.0 opens the page to the whole network: add --auth.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 7860,
+    share: Annotated[
+        bool, typer.Option(help="Also publish the page at a public *.gradio.live address (through Gradio's servers).")
+    ] = False,
+    auth: Annotated[
+        str | None,
+        typer.Option(
+            help="USER:PASS that the page asks for. The environment variable keeps it out of the process list.",
+            envvar="QWENVL_UI_AUTH",
+            show_default=False,
+        ),
+    ] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest picture accepted, in MB.", min=0.01)] = 20.0,
+    system: Annotated[str | None, typer.Option(help="System prompt (default: You are a helpful assistant.).")] = None,
+    max_new_tokens: MaxNewTokensOption = 512,
+    temperature: TemperatureOption = 0.0,
+    top_p: TopPOption = 1.0,
+    top_k: TopKOption = 0,
+    repetition_penalty: RepetitionPenaltyOption = 1.0,
+    seed: SeedOption = None,
+) -> None:
+    """Chat with a model in the browser: pictures, streamed answers, grounding boxes drawn on the picture.
+
+    A Gradio page over the same chat session as `qwenvl chat`: upload pictures (numbered Picture 1, 2, …
+    across the conversation), ask, watch the answer being written, Stop it, Regenerate it, Clear; the
+    generation flags below are the page's starting settings. Every browser tab has its own conversation;
+    questions from several tabs wait in a queue, one answer at a time. Serves 127.0.0.1 only unless
+    --host or --share says otherwise. Needs the ui extra: pip install "qwenvl\\[ui]". Ctrl-C stops it.
+
+    [bold]Examples[/]
+
+      qwenvl serve-ui --model runs/full-20261126-155434          # then open http://127.0.0.1:7860
+      qwenvl serve-ui --model ./Qwen-VL-Chat --adapter runs/chat-lora --temperature 0.7 --seed 1
+      QWENVL_UI_AUTH=alice:long-secret qwenvl serve-ui --model ./Qwen-VL-Chat --host 0.0.0.0 --port 8000
+    """
+    from .ui import ServeOptions, exposure_notes, parse_auth, require_gradio, serve
+
+    options = ServeOptions(
+        model=model,
+        adapter=adapter,
+        host=host,
+        port=port,
+        share=share,
+        auth=parse_auth(auth),
+        max_upload_mb=max_upload_mb,
+        settings=_generation_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed),
+        system=system,
+    )
+    require_gradio()
+    for note in exposure_notes(options):
+        stderr.print(f"[yellow]note[/]: {note}.", highlight=False)
+    stderr.print(f"loading {model}" + (f" + {adapter}" if adapter else "") + " …", highlight=False)
+
+    def ready(local_url: str, share_url: str | None) -> None:
+        stdout.print(f"[green]serving[/] {local_url}" + (f" and {share_url}" if share_url else ""), highlight=False)
+        if share and not share_url:
+            stderr.print("[yellow]note[/]: no public link could be made; the page is served locally only.")
+        stderr.print("[dim]Ctrl-C stops the server.[/]")
+
+    serve(options, ready)
+    stderr.print("[dim]server stopped[/]")
 
 
 @app.command("merge")
@@ -700,6 +790,20 @@ def profile_command(
     threads: Annotated[
         int | None, typer.Option(min=1, help="torch CPU threads per cell. Default: torch's own choice.")
     ] = None,
+    gradient_checkpointing: Annotated[
+        bool,
+        typer.Option(
+            "--gradient-checkpointing/--no-gradient-checkpointing",
+            help="Recompute activations in the backward pass, as the upstream scripts do.",
+        ),
+    ] = True,
+    vocab: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --preset qwen-vl-7b: the official qwen.tiktoken. Default: the built-in vocabulary in the "
+            "official 151,936 embedding rows (same memory and speed; samples are built to exact lengths)."
+        ),
+    ] = None,
     output: Annotated[Path, typer.Option(help="The JSON result.")] = Path("profile.json"),
     markdown: Annotated[Path | None, typer.Option(help="Also write the table as Markdown.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Also draw memory and s/it against length (PNG).")] = None,
@@ -708,15 +812,17 @@ def profile_command(
 
     Every cell runs `qwenvl train`'s code in a fresh process on synthetic samples of exactly that length,
     one picture each; s/it is timed over the optimizer steps after --warmup. Memory is the CUDA allocator's
-    peak reserved on a GPU, the process's peak RSS on a CPU (where everything trains in fp32). A cell that runs
-    out of memory is shown as OOM and the grid goes on. Exit code 0 when the grid ran (failed cells
-    included), 2 for a refusal.
+    peak reserved during training on a GPU, the process's peak RSS on a CPU (where everything trains in
+    fp32). A cell that runs out of memory is shown as OOM and the grid goes on. --preset qwen-vl-7b (GPU
+    only) builds the official sizes with random weights on the GPU in each cell (NF4 for qlora): nothing
+    is downloaded or written. Exit code 0 when the grid ran (failed cells included), 2 for a refusal.
 
     [bold]Examples[/]
 
       qwenvl profile                                      # tiny model, all methods, 384..2048 tokens
       qwenvl profile --methods lora-chat,full --lengths 384,512 --steps 2
       qwenvl profile --model /models/Qwen-VL-Chat --methods lora-chat,qlora --gpu-memory 24GB
+      qwenvl profile --preset qwen-vl-7b --methods lora-chat,lora-base,qlora   # on a GPU, no download
       qwenvl profile --baseline upstream --markdown profile.md --plot profile.png
     """
     from .profile import ProfileOptions, parse_lengths, parse_methods, parse_size_gib, run_profile
@@ -736,11 +842,17 @@ def profile_command(
         baseline=baseline,
         gpu_memory_gib=parse_size_gib(gpu_memory) if gpu_memory else None,
         threads=threads,
+        gradient_checkpointing=gradient_checkpointing,
+        vocab=vocab,
     )
-    with profile_progress(stderr) as hook:
-        result = run_profile(options, on_cell=hook)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(result.model_dump_json(indent=2) + "\n", "utf-8")
+
+    def save(partial) -> None:  # after every cell: a grid cut short keeps what it measured
+        output.write_text(partial.model_dump_json(indent=2) + "\n", "utf-8")
+
+    with profile_progress(stderr) as hook:
+        result = run_profile(options, on_cell=hook, on_result=save)
+    save(result)
     render_profile(result, stdout)
     written = [output]
     if markdown is not None:

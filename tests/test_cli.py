@@ -31,10 +31,8 @@ def test_version():
 def test_help_lists_only_working_commands():
     result = invoke("--help")
     assert result.exit_code == 0
-    for built in ("validate-data", "init-model", "train", "data", "eval", "merge", "chat", "profile"):
+    for built in ("validate-data", "init-model", "train", "data", "eval", "merge", "chat", "profile", "serve-ui"):
         assert built in result.stdout
-    for unbuilt in ("serve-ui",):
-        assert f" {unbuilt} " not in result.stdout
 
 
 def test_validate_help_has_an_example():
