@@ -216,7 +216,7 @@ def _apply_method(model, options: TrainOptions, rules: ResolvedRules):
         if preset.quantised:
             # Everything frozen stays in its 16-bit dtype; the adapters are made in fp32 (peft's
             # autocast_adapter_dtype). peft's prepare_model_for_kbit_training would also upcast every frozen
-            # fp16 weight (the ViT, wte, lm_head: 4.3 B values on the 7B model) to fp32, 8 GB more.
+            # fp16 weight (the ViT, wte, lm_head: 3.2 B values on the 7B model) to fp32, about 6 GiB more.
             model.requires_grad_(False)
         lora = LoraConfig(
             r=options.lora_r,
