@@ -171,9 +171,12 @@ def profile_png(result: ProfileResult, path: str | Path) -> Path:
             )
 
         for fraction in (0.25, 0.5, 0.75):
-            y = top + fraction * (bottom - top)
+            y = top + fraction * (bottom - top)  # gridlines at quarters of the scale
             draw.line((left, y, right, y), fill=(230, 230, 230))
-        draw.text((left - 50, top - 4), f"{high:.3g}", fill=(80, 80, 80))
+        for fraction in (0.0, 0.5):
+            draw.text(
+                (left - 50, top - 4 + fraction * (bottom - top)), f"{high * (1 - fraction):.3g}", fill=(80, 80, 80)
+            )
         draw.text((left - 50, bottom - 6), "0", fill=(80, 80, 80))
         for length in lengths:
             x, _ = xy(length, 0)
@@ -190,7 +193,9 @@ def profile_png(result: ProfileResult, path: str | Path) -> Path:
                 draw.line(points, fill=colour, width=2)
             for x, y in points:
                 draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
-            if index == 0:
-                draw.text((right - 90, top + 8 + 14 * number), method, fill=colour)
+            if index == 0:  # the legend, in the header line: never over a curve
+                x = width // 2 + 20 + 110 * number
+                draw.line((x, 14, x + 16, 14), fill=colour, width=3)
+                draw.text((x + 22, 8), method, fill=colour)
     image.save(path)
     return Path(path)
