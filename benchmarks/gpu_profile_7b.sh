@@ -2,9 +2,10 @@
 # `qwenvl profile --preset qwen-vl-7b` on one GPU: the seed's memory/speed table (LoRA Chat, LoRA Base, Q-LoRA ×
 # 384/512/1024/2048 tokens, batch 1, grad-accum 8, one picture per sample, gradient checkpointing as the upstream
 # scripts) with random weights of the official sizes built on the GPU in each cell, then the upstream recipe at
-# 2048 for the ratio. About 8 minutes on one H100.
+# 2048 for the ratio. About 8 minutes on one H100 (measured 2026-11-26: docs/profile.md).
 #
 #   OUT=gpu-profile bash benchmarks/gpu_profile_7b.sh [path/to/qwen.tiktoken]
+#   GRIDS=compiled OUT=gpu-profile bash benchmarks/gpu_profile_7b.sh ...   # train --compile, shortest and longest length
 #
 # One JSON per method (so that a run cut short keeps the methods it finished); the logs in profile.log.
 # Runs from the repository root without installing (PYTHONPATH). Merge and render the JSON files with
@@ -22,8 +23,10 @@ LOG=$OUT/profile.log
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 vocab_flag=()
 [ -n "$VOCAB" ] && vocab_flag=(--vocab "$VOCAB")
+GRIDS=${GRIDS:-lora-chat,qlora,lora-base,baseline}  # which grids to run; also: compiled (train --compile)
 grid() {  # grid NAME TIMEOUT_S -- profile flags...
   local name=$1 limit=$2; shift 3
+  case ",$GRIDS," in *",$name,"*) ;; *) return ;; esac
   echo "=== $name $(date +%T)" >>"$LOG"
   timeout "$limit" $PY -m qwenvl_cli profile --preset "$PRESET" "${vocab_flag[@]}" --gpu-memory 24GB "$@" \
     --output "$OUT/profile-$name.json" >>"$LOG" 2>&1
@@ -32,5 +35,6 @@ grid() {  # grid NAME TIMEOUT_S -- profile flags...
 grid lora-chat 200 -- --methods lora-chat --lengths "$LENGTHS" --steps "$STEPS" --warmup 1
 grid qlora 200 -- --methods qlora --lengths "$LENGTHS" --steps "$STEPS" --warmup 1
 grid lora-base 200 -- --methods lora-base --lengths "$LENGTHS" --steps "$STEPS" --warmup 1
+grid compiled 300 -- --methods lora-chat,lora-base,qlora --lengths "${LENGTHS%%,*},${LENGTHS##*,}" --steps "$STEPS" --warmup 1 --compile
 grid baseline 150 -- --methods lora-chat --lengths "${LENGTHS##*,}" --steps "$STEPS" --warmup 1 --baseline upstream
 tail -n 60 "$LOG"

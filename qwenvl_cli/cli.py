@@ -362,6 +362,10 @@ def train_command(
     ] = "c_attn,attn.c_proj,w1,w2",
     train_vit: Annotated[bool, typer.Option(help="full: also train the ViT.")] = False,
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations to save memory.")] = False,
+    compile: Annotated[
+        bool,
+        typer.Option(help="torch.compile each LM and ViT block: fused kernels; the first steps pay for compiling."),
+    ] = False,
     packing: Annotated[
         bool, typer.Option(help="Several samples per row of --max-length tokens, each attending to itself only.")
     ] = False,
@@ -797,6 +801,9 @@ def profile_command(
             help="Recompute activations in the backward pass, as the upstream scripts do.",
         ),
     ] = True,
+    compile: Annotated[
+        bool, typer.Option(help="Train with --compile (torch.compile of each block); warmup steps absorb compiling.")
+    ] = False,
     vocab: Annotated[
         Path | None,
         typer.Option(
@@ -843,6 +850,7 @@ def profile_command(
         gpu_memory_gib=parse_size_gib(gpu_memory) if gpu_memory else None,
         threads=threads,
         gradient_checkpointing=gradient_checkpointing,
+        compile=compile,
         vocab=vocab,
     )
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,7 @@ class ProfileOptions(BaseModel):
     gpu_memory_gib: float | None = None
     threads: int | None = None  # torch threads per cell (CPU)
     gradient_checkpointing: bool = True  # as the upstream scripts train
+    compile: bool = False  # train --compile in every cell
     vocab: Path | None = None  # qwen-vl-7b: a qwen.tiktoken (default: the tiny vocabulary in 151,936 rows)
 
 
@@ -97,6 +98,7 @@ class ProfileResult(BaseModel):
     baseline: str | None = None
     gpu_memory_gib: float | None = None
     gradient_checkpointing: bool = True
+    compile: bool = False
     cells: list[ProfileCell]
     baseline_cells: list[ProfileCell] = Field(default_factory=list)
     ratios: list[ProfileRatio] = Field(default_factory=list)
@@ -276,6 +278,7 @@ def _cell(method: str, length: int, recipe: str, folder: Path | str, options: Pr
         "recipe": recipe,
         "threads": options.threads,
         "gradient_checkpointing": options.gradient_checkpointing,
+        "compile": options.compile,
         "random_weights": options.preset == "qwen-vl-7b",
     }
     started = time.perf_counter()
@@ -399,6 +402,7 @@ def _result(options: ProfileOptions, cells: list[ProfileCell], device: str, gpu:
         baseline=options.baseline,
         gpu_memory_gib=options.gpu_memory_gib,
         gradient_checkpointing=options.gradient_checkpointing,
+        compile=options.compile,
         cells=main,
         baseline_cells=baseline,
         ratios=ratios,

@@ -59,6 +59,7 @@ def run_cell(spec: dict) -> dict:
             recipe=spec.get("recipe", "qwenvl"),
             gradient_checkpointing=bool(spec.get("gradient_checkpointing", False)),
             random_weights=bool(spec.get("random_weights", False)),
+            compile=bool(spec.get("compile", False)),
             seed=0,
         )
         stamps: list[float] = []

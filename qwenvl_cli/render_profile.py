@@ -70,8 +70,9 @@ def _reasons(result: ProfileResult) -> list[str]:
 def _caption(result: ProfileResult) -> str:
     return (
         f"{result.model} on {result.device}; batch size {result.batch_size}, gradient accumulation "
-        f"{result.grad_accum}, one picture per sample; s/it over {result.steps} optimizer steps after "
-        f"{result.warmup} warmup; memory: {result.memory_kind}"
+        f"{result.grad_accum}, one picture per sample, gradient checkpointing "
+        f"{'on' if result.gradient_checkpointing else 'off'}{', torch.compile' if result.compile else ''}; "
+        f"s/it over {result.steps} optimizer steps after {result.warmup} warmup; memory: {result.memory_kind}"
     )
 
 

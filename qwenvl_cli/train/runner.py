@@ -65,6 +65,8 @@ class TrainOptions(BaseModel):
     lora_targets: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
     train_vit: bool = False
     gradient_checkpointing: bool = False
+    # torch.compile each LM and ViT block (regional compilation): fewer, fused kernels per step
+    compile: bool = False
     packing: bool = False  # several samples per row of --max-length tokens, each in its own attention span
     # upstream: finetune.py's way, for comparisons: every sample padded to --max-length, eager attention,
     # logits of every position
@@ -257,6 +259,18 @@ def _load_model(model_dir: Path, rules: ResolvedRules, quant: str | None, random
     return load_checkpoint(model_dir, dtype=dtype, device=device)
 
 
+def compile_blocks(model) -> int:
+    """torch.compile every LM block and ViT block in place (regional compilation: the blocks of one kind share
+    their compiled code); returns how many. The first steps pay for compiling."""
+    from ..model.modeling import QwenBlock
+    from ..model.vision import VisionBlock
+
+    blocks = [module for module in model.modules() if isinstance(module, (QwenBlock, VisionBlock))]
+    for block in blocks:
+        block.compile(dynamic=None)
+    return len(blocks)
+
+
 def _weights_gib(trainable: int, total: int, precision: str, quant: str | None) -> float:
     """Weights + gradients + AdamW states in GiB (activations excluded): a floor for the memory a run needs."""
     size = {"fp32": 4, "bf16": 2, "fp16": 2}[precision]
@@ -433,6 +447,8 @@ def _run_training(options: TrainOptions, on_event: EventHook | None) -> TrainRes
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
+    if options.compile:
+        compile_blocks(model)
     trainer = _trainer(
         model, options, rules, prepared.samples, config, tokenizer, image_root, checkpoints, emit, evaluation, result
     )
