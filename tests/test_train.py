@@ -513,10 +513,15 @@ def test_deepspeed_in_one_process_needs_no_launcher_and_leaves_the_environment_a
     pytest.importorskip("deepspeed")
     import os
 
-    before = {name: os.environ.get(name) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")}
+    before = dict(os.environ)
     result = run_training(options(models, data, tmp_path / "ds", engine="deepspeed", zero=2, max_steps=2))
     assert result.global_step == 2 and (tmp_path / "ds" / "deepspeed_config.json").is_file()
-    assert {name: os.environ.get(name) for name in before} == before
+    assert dict(os.environ) == before  # RANK, WORLD_SIZE, … and TrainingArguments' ACCELERATE_USE_DEEPSPEED
+    # A plain run afterwards in the same process trains without DeepSpeed (accelerate's state was reset too).
+    plain = run_training(options(models, data, tmp_path / "plain", max_steps=1))
+    assert (
+        plain.global_step == 1 and plain.engine == "DDP" and not (tmp_path / "plain" / "deepspeed_config.json").exists()
+    )
 
 
 def test_compile_gives_the_same_training_and_compiles_every_block_without_graph_breaks(tmp_path, models):

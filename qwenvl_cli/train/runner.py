@@ -341,12 +341,31 @@ def resolve_defaults(options: TrainOptions) -> TrainOptions:
 
 def run_training(options: TrainOptions, on_event: EventHook | None = None) -> TrainResult:
     """Train as `options` say; `on_event(kind, payload)` hears start, steps, log, eval, save and done."""
-    added = _single_process_group() if options.engine == "deepspeed" and not options.dry_run else []
+    deepspeed = options.engine == "deepspeed" and not options.dry_run
+    environment = dict(os.environ)
+    if deepspeed:
+        _single_process_group()
     try:
         return _run_training(options, on_event)
     finally:
-        for name in added:  # the process group of one described for DeepSpeed ends with the run
-            os.environ.pop(name, None)
+        if deepspeed:
+            _forget_deepspeed(environment)
+
+
+def _forget_deepspeed(environment: dict[str, str]) -> None:
+    """End what a DeepSpeed run leaves process-wide: the process group of one described for it, the variables
+    TrainingArguments sets (ACCELERATE_USE_DEEPSPEED, …) and accelerate's and transformers' DeepSpeed state,
+    so that a later run in the same process trains as if none had happened."""
+    from accelerate.state import AcceleratorState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    for name in set(os.environ) - set(environment):
+        del os.environ[name]
+    for name, value in environment.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
+    unset_hf_deepspeed_config()
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _run_training(options: TrainOptions, on_event: EventHook | None) -> TrainResult:
