@@ -545,3 +545,45 @@ def test_compile_gives_the_same_training_and_compiles_every_block_without_graph_
         assert (graphs == 2) if compiled else (graphs == 0)  # QwenBlock and VisionBlock
         assert sum(counters["graph_break"].values()) == 0
     assert runs[True].final_loss == pytest.approx(runs[False].final_loss, abs=1e-4)
+
+
+def test_base_model_lora_parks_the_frozen_originals_and_training_never_calls_them(models, data, tmp_path, monkeypatch):
+    """A base-model LoRA trains copies of wte and lm_head (peft's modules_to_save); on one GPU the frozen
+    originals wait in CPU memory. Here the parking is forced on the CPU and every original raises if called:
+    training, checkpointing and evaluation finish without touching them."""
+    from qwenvl_cli.train import runner
+
+    parked = []
+
+    def park_and_guard(model, device):
+        from peft.utils import ModulesToSaveWrapper
+
+        def refuse(module, args):
+            raise AssertionError("a parked original was called")
+
+        for module in model.modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                parked.append(module.original_module.register_forward_pre_hook(refuse))
+        return park(model, device)
+
+    park = runner.park_frozen_originals
+    monkeypatch.setattr(runner, "_parks_originals", lambda options: True)
+    monkeypatch.setattr(runner, "park_frozen_originals", park_and_guard)
+    result = run_training(
+        options(models, data, tmp_path / "run", model=models / "tiny-base", max_steps=2, save_steps=1,
+                eval_data=data, eval_every=2, eval_samples=2)
+    )  # fmt: skip
+    assert len(parked) == 2  # wte and lm_head
+    assert result.global_step == 2 and result.evaluations
+    assert any("wait in CPU memory" in note for note in result.notes)
+
+
+def test_park_frozen_originals_counts_what_it_moves(models):
+    from peft import LoraConfig, get_peft_model
+
+    from qwenvl_cli.train.runner import park_frozen_originals
+
+    model, _ = load_checkpoint(models / "tiny-base")
+    size = model.transformer.wte.weight.numel() + model.lm_head.weight.numel()
+    model = get_peft_model(model, LoraConfig(target_modules=["c_attn"], modules_to_save=["wte", "lm_head"]))
+    assert park_frozen_originals(model, "cpu") == size
