@@ -143,7 +143,12 @@ class Terminal:
             os.chdir(cwd)
             os.environ.update({"COLUMNS": "200", "TERM": "xterm", "OMP_NUM_THREADS": "1"})
             patch = "from qwenvl_cli.model.generation import ChatSession; ChatSession.stop_ids = lambda self: []; "
-            code = (patch if endless else "") + "import sys; from qwenvl_cli.cli import main; sys.exit(main())"
+            # Ctrl-C raises KeyboardInterrupt as in a terminal's shell, even where this test runs with SIGINT
+            # ignored (a background job of a shell without job control): Python keeps an ignored SIGINT ignored.
+            interrupt = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            code = (
+                interrupt + (patch if endless else "") + "import sys; from qwenvl_cli.cli import main; sys.exit(main())"
+            )
             os.execv(sys.executable, [sys.executable, "-c", code, "chat", *args])
         self.seen = ""
 

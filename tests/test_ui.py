@@ -485,7 +485,13 @@ def test_in_the_browser_answers_stream_boxes_show_and_stop_works(browser, page, 
 @pytest.mark.slow
 def test_the_command_serves_the_page_with_the_real_model(browser, models, picture, tmp_path):
     port = free_port()
-    command = [sys.executable, "-m", "qwenvl_cli", "serve-ui", "--model", str(models / "tiny"), "--port", str(port)]
+    # `python -m qwenvl_cli`, with Ctrl-C raising KeyboardInterrupt as in a terminal's shell even where the test
+    # runs with SIGINT ignored (a background job of a shell without job control keeps it ignored in children).
+    start = (
+        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "sys.argv[0] = 'qwenvl'; runpy.run_module('qwenvl_cli', run_name='__main__')"
+    )
+    command = [sys.executable, "-c", start, "serve-ui", "--model", str(models / "tiny"), "--port", str(port)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     server = subprocess.Popen(
         [*command, "--max-new-tokens", "6"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
