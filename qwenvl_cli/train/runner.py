@@ -772,19 +772,17 @@ def _generation_metrics(model, tokenizer, config, evaluation, options) -> dict:
     }
 
 
-def _single_process_group() -> list[str]:
+def _single_process_group() -> None:
     """DeepSpeed wants a process group even for one process (without one it goes looking for MPI): outside
-    torchrun, describe a group of one on this machine, as torchrun would. Returns the variables it set."""
+    torchrun, describe a group of one on this machine, as torchrun would (`_forget_deepspeed` removes it)."""
     from .launch import free_port, is_launched
 
     if is_launched() or "WORLD_SIZE" in os.environ:
-        return []
+        return
     wanted = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
     wanted["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(free_port())
-    added = [name for name in wanted if name not in os.environ]
-    for name in added:
-        os.environ[name] = wanted[name]
-    return added
+    for name, value in wanted.items():
+        os.environ.setdefault(name, value)
 
 
 def _world_size() -> int:
