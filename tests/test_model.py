@@ -92,6 +92,25 @@ def test_rotary_rotates_half_pairs_at_each_position():
             torch.testing.assert_close(out[0, s, :, i + half], b * c + a * sn, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(("rot_dim", "packed"), [(8, False), (8, True), (4, False)])
+def test_rotary_equals_the_rotate_half_formula_bit_for_bit(rot_dim, packed):
+    """The sign of rotate-half is folded into sin and the halves swapped with a roll: the result is the
+    formula's to the bit, in bf16 as in fp32, for a whole and a partly rotated head, and per-row tables."""
+    generator = torch.Generator().manual_seed(2)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 5, 3, 8, generator=generator).to(dtype)
+        shape = (2, 5, rot_dim // 2) if packed else (5, rot_dim // 2)
+        angles = torch.rand(shape, generator=generator) * 50
+        cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+        c, s_ = (cos[:, :, None, :], sin[:, :, None, :]) if packed else (cos[None, :, None, :], sin[None, :, None, :])
+        x32 = x.float()
+        head, rest = x32[..., :rot_dim], x32[..., rot_dim:]
+        half = rot_dim // 2
+        rotated_half = torch.cat((-head[..., half:], head[..., :half]), -1)
+        expected = torch.cat((head * c + rotated_half * s_, rest), -1).to(dtype)
+        assert torch.equal(apply_rotary(x, cos, sin), expected)
+
+
 @pytest.mark.parametrize(
     ("seq_len", "trained", "alpha"),
     [(100, 2048, 1), (2048, 2048, 1), (2049, 2048, 3), (4096, 2048, 3), (4097, 2048, 7), (20, 8, 7), (8, 8, 1)],
@@ -257,6 +276,56 @@ def test_training_scores_only_labelled_positions_with_the_same_loss_and_gradient
     reference.backward()
     for name, grad in fast_grads.items():
         torch.testing.assert_close(grad, model.get_parameter(name).grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def _scored_run(config, ids, labels, pixels, budget, freeze_lm_head=True, **extra):
+    """(loss, gradients, lm_head rows per forward call, rows per backward recomputation)."""
+    model = small_model(config).train()
+    model.lm_head.requires_grad_(not freeze_lm_head)
+    model.loss_chunk_elements = budget
+    rows = []
+    model.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    loss = model(input_ids=ids, labels=labels, pixel_values=pixels, **extra).loss
+    forward_rows = list(rows)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, forward_rows, rows[len(forward_rows) :]
+
+
+@pytest.mark.parametrize("num_items", [None, 40])
+def test_a_long_answer_is_scored_in_chunks_with_the_same_loss_and_gradients(config, tokenizer, num_items):
+    """With a frozen lm_head (LoRA on a chat model, Q-LoRA) and a chunk budget of 3 rows of the vocabulary,
+    the lm_head never sees more than 3 rows at once, in the forward pass or in the backward pass's
+    recomputation, and the loss and every gradient equal the one-piece computation."""
+    answer = " ".join(["The red square sits left of a small blue circle."] * 3)
+    ids, labels, pixels, _ = picture_sample(tokenizer, answer=answer)
+    scored = int((labels[0, 1:] != IGNORE_INDEX).sum())
+    assert scored > 20
+    extra = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    whole_loss, whole_grads, whole_rows, whole_recomputed = _scored_run(config, ids, labels, pixels, 10**9, **extra)
+    loss, grads, forward_rows, recomputed = _scored_run(config, ids, labels, pixels, 3 * config.vocab_size, **extra)
+    assert whole_rows == [scored] and whole_recomputed == []
+    assert sum(forward_rows) == scored and max(forward_rows) == 3 and len(forward_rows) == -(-scored // 3)
+    assert sorted(recomputed) == sorted(forward_rows)  # the backward pass recomputes each chunk once
+    torch.testing.assert_close(loss, whole_loss, atol=1e-6, rtol=1e-6)
+    if num_items is not None:  # the summed cross-entropy over `num_items_in_batch`, not the mean
+        mean = _scored_run(config, ids, labels, pixels, 10**9)[0]
+        torch.testing.assert_close(loss * num_items, mean * scored, atol=1e-4, rtol=1e-5)
+    assert grads.keys() == whole_grads.keys() and "lm_head.weight" not in grads and "transformer.wte.weight" in grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, whole_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_a_trainable_lm_head_is_scored_whole(config, tokenizer):
+    """Chunks would make autograd hold the lm_head's weight gradient once per chunk: a trainable lm_head
+    (full fine-tuning, LoRA on a base model) is scored in one piece whatever the budget."""
+    answer = " ".join(["The red square sits left of a small blue circle."] * 3)
+    ids, labels, pixels, _ = picture_sample(tokenizer, answer=answer)
+    scored = int((labels[0, 1:] != IGNORE_INDEX).sum())
+    _, grads, forward_rows, recomputed = _scored_run(
+        config, ids, labels, pixels, 3 * config.vocab_size, freeze_lm_head=False
+    )
+    assert forward_rows == [scored] and recomputed == [] and "lm_head.weight" in grads
 
 
 def test_a_packed_row_equals_its_samples_run_alone(model, tokenizer):

@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -27,6 +28,9 @@ from .config import QwenVLConfig
 from .vision import VisionTransformer
 
 IGNORE_INDEX = -100
+# Logits per chunk of the training loss: 2**25 fp32 values (128 MiB) is 220 rows of the official 151,936-row
+# vocabulary. A tiny model's whole answer fits in one chunk, which is then the plain computation.
+LOSS_CHUNK_ELEMENTS = 2**25
 
 
 class RMSNorm(nn.Module):
@@ -64,23 +68,34 @@ class RotaryEmbedding(nn.Module):
         return emb.cos(), emb.sin()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def rotary_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (seq, rot_dim), or (batch, seq, rot_dim) for packed rows, made ready for `rotate`
+    once per forward pass rather than once per layer: a heads axis added, and the sign of rotate-half folded
+    into sin, so that rotate_half(x) * sin == roll(x, rot_dim / 2) * signed_sin exactly (a negation is exact)."""
+    half = cos.shape[-1] // 2
+    signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    if cos.dim() == 2:
+        return cos[None, :, None, :], signed[None, :, None, :]
+    return cos[:, :, None, :], signed[:, :, None, :]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (batch, seq, heads, head_dim) with tables from `rotary_tables`, over the first
+    rot_dim channels of each head; computed in fp32, returned in x's dtype."""
+    rot_dim = cos.shape[-1]
+    x32 = x.float()
+    if rot_dim == x.shape[-1]:  # the official models rotate the whole head
+        return (x32 * cos + x32.roll(rot_dim // 2, dims=-1) * signed_sin).type_as(x)
+    head, rest = x32[..., :rot_dim], x32[..., rot_dim:]
+    rotated = head * cos + head.roll(rot_dim // 2, dims=-1) * signed_sin
+    return torch.cat((rotated, rest), dim=-1).type_as(x)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (batch, seq, heads, head_dim); cos/sin: (seq, rot_dim), or (batch, seq, rot_dim) when every row has
-    positions of its own (packed rows). Computed in fp32, returned in x's dtype."""
-    rot_dim = cos.shape[-1]
-    if cos.dim() == 2:
-        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    else:
-        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    x32 = x.float()
-    rotated, rest = x32[..., :rot_dim], x32[..., rot_dim:]
-    rotated = rotated * cos + rotate_half(rotated) * sin
-    return torch.cat((rotated, rest), dim=-1).type_as(x)
+    positions of its own (packed rows): x * cos + rotate_half(x) * sin on the first rot_dim channels, with
+    rotate_half(x) = cat(-x2, x1). Computed in fp32, returned in x's dtype."""
+    return rotate(x, *rotary_tables(cos, sin))
 
 
 def logn_scale(positions: torch.Tensor, trained_len: int) -> torch.Tensor | None:
@@ -110,16 +125,16 @@ class QwenAttention(nn.Module):
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
-        sin: torch.Tensor,
+        sin: torch.Tensor,  # cos and the signed sin of `rotary_tables`
         logn: torch.Tensor | None,
         mask: torch.Tensor | None,
         cache: DynamicCache | None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q, k, v = self.c_attn(x).split(self.hidden_size, dim=-1)
-        shape = (batch, seq, self.num_heads, self.head_dim)
-        q, k, v = q.view(shape), k.view(shape), v.view(shape)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        heads = self.num_heads
+        qkv = self.c_attn(x).view(batch, seq, 3 * heads, self.head_dim)  # q's heads, then k's, then v's
+        q, k = rotate(qkv[:, :, : 2 * heads], cos, sin).split(heads, dim=2)  # q and k rotated together
+        v = qkv[:, :, 2 * heads :]
         if logn is not None:
             q = q * logn[None, :, None, None].type_as(q)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -215,7 +230,7 @@ class QwenModel(nn.Module):
         config = self.config
         if config.use_dynamic_ntk and past == 0 and not self.training:
             self.rotary_emb.ntk_alpha_cached = ntk_alpha(seq, config.seq_length)
-        cos, sin = self.rotary_emb(positions, self.rotary_emb.ntk_alpha_cached)
+        cos, sin = rotary_tables(*self.rotary_emb(positions, self.rotary_emb.ntk_alpha_cached))
         logn = None
         if config.use_logn_attn and not self.training and position_ids is None:
             logn = logn_scale(positions, config.seq_length)
@@ -339,6 +354,7 @@ class QwenVLForCausalLM(QwenVLPreTrainedModel, GenerationMixin):
         self.transformer = QwenModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.score_all_positions = False  # upstream: logits (and their fp32 copy) for every position in training
+        self.loss_chunk_elements = LOSS_CHUNK_ELEMENTS
         self.post_init()
 
     def use_upstream_path(self, on: bool = True) -> None:
@@ -389,10 +405,18 @@ class QwenVLForCausalLM(QwenVLPreTrainedModel, GenerationMixin):
         if labels is not None and self.training and not logits_to_keep and not self.score_all_positions:
             # Training needs the logits of the scored positions only: the lm_head and the fp32 softmax over
             # the vocabulary run there and nowhere else (pictures, prompts and padding are most of a row).
+            # Long answers are scored in chunks of rows (see `chunked_scored_loss`), so the logits of one
+            # chunk at a time exist, in the forward pass and again in the backward pass.
             targets = labels[:, 1:].to(hidden.device)
             scored = targets != IGNORE_INDEX
-            logits = self.lm_head(hidden[:, :-1][scored])
-            loss = scored_loss(logits, targets[scored], unused.get("num_items_in_batch"))
+            loss = chunked_scored_loss(
+                self.lm_head,
+                hidden[:, :-1][scored],
+                targets[scored],
+                self.config.vocab_size,
+                unused.get("num_items_in_batch"),
+                self.loss_chunk_elements,
+            )
             return CausalLMOutputWithPast(loss=loss, logits=None, cache=cache)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -401,6 +425,46 @@ class QwenVLForCausalLM(QwenVLPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = causal_lm_loss(logits, labels, unused.get("num_items_in_batch"))
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+
+def chunked_scored_loss(
+    lm_head: nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_size: int,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_elements: int = LOSS_CHUNK_ELEMENTS,
+    chunk_trainable: bool = False,
+) -> torch.Tensor:
+    """`scored_loss(lm_head(hidden), targets, …)` for (n, hidden) states of scored positions, without ever
+    holding all n rows of logits. The rows are cut into chunks of `chunk_elements // vocab_size`; each
+    chunk's logits, their fp32 copy and the softmax live only while that chunk's summed cross-entropy is
+    computed, and the backward pass recomputes them one chunk at a time (activation checkpointing on the
+    lm_head). The price is one more lm_head matmul over the scored rows (benchmarks/loss_memory_bench.py
+    measures both).
+
+    A trainable lm_head (full fine-tuning; LoRA on a base model, where peft trains a copy of it) is scored
+    whole: its weight gradient (1.16 GiB in bf16 at 7B) would arrive once per chunk and be summed by autograd,
+    holding two or three of them at once (measured on CPU, 512 rows: 3.5 GiB against 1.3 whole; 2,048 rows: no gain;
+    `chunk_trainable=True` chunks it anyway, for that measurement)."""
+    rows = hidden.shape[0]
+    chunk = max(1, chunk_elements // vocab_size)
+    trainable = any(parameter.requires_grad for parameter in lm_head.parameters())
+    if rows <= chunk or (trainable and not chunk_trainable) or not torch.is_grad_enabled():
+        return scored_loss(lm_head(hidden), targets, num_items_in_batch)
+    total = sum(
+        checkpoint(_summed_cross_entropy, lm_head, piece, wanted, use_reentrant=False, preserve_rng_state=False)
+        for piece, wanted in zip(hidden.split(chunk), targets.split(chunk), strict=True)
+    )
+    if num_items_in_batch is None:
+        return total / rows
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def _summed_cross_entropy(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
 
 
 def scored_loss(
