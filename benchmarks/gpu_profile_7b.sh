@@ -5,7 +5,11 @@
 # 2048 for the ratio. About 8 minutes on one H100 (measured 2026-11-26: docs/profile.md).
 #
 #   OUT=gpu-profile bash benchmarks/gpu_profile_7b.sh [path/to/qwen.tiktoken]
-#   GRIDS=compiled OUT=gpu-profile bash benchmarks/gpu_profile_7b.sh ...   # train --compile, shortest and longest length
+#   GRIDS=compiled,loss OUT=gpu-profile bash benchmarks/gpu_profile_7b.sh ...   # the second call (about 5 minutes)
+#
+# compiled: `--compile` at the longest length, LoRA Chat first (the speed target), then Q-LoRA and LoRA Base, one
+# JSON each (each cell compiles its blocks in a fresh process; the inductor cache in /tmp shortens the later ones).
+# loss: benchmarks/loss_memory_bench.py on the GPU (the chunked loss's peak memory against the whole one).
 #
 # One JSON per method (so that a run cut short keeps the methods it finished); the logs in profile.log.
 # Runs from the repository root without installing (PYTHONPATH). Merge and render the JSON files with
@@ -23,7 +27,7 @@ LOG=$OUT/profile.log
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 vocab_flag=()
 [ -n "$VOCAB" ] && vocab_flag=(--vocab "$VOCAB")
-GRIDS=${GRIDS:-lora-chat,qlora,lora-base,baseline}  # which grids to run; also: compiled (train --compile)
+GRIDS=${GRIDS:-lora-chat,qlora,lora-base,baseline}  # which grids to run; also: compiled, loss
 grid() {  # grid NAME TIMEOUT_S -- profile flags...
   local name=$1 limit=$2; shift 3
   case ",$GRIDS," in *",$name,"*) ;; *) return ;; esac
@@ -35,6 +39,14 @@ grid() {  # grid NAME TIMEOUT_S -- profile flags...
 grid lora-chat 200 -- --methods lora-chat --lengths "$LENGTHS" --steps "$STEPS" --warmup 1
 grid qlora 200 -- --methods qlora --lengths "$LENGTHS" --steps "$STEPS" --warmup 1
 grid lora-base 200 -- --methods lora-base --lengths "$LENGTHS" --steps "$STEPS" --warmup 1
-grid compiled 300 -- --methods lora-chat,lora-base,qlora --lengths "${LENGTHS%%,*},${LENGTHS##*,}" --steps "$STEPS" --warmup 1 --compile
 grid baseline 150 -- --methods lora-chat --lengths "${LENGTHS##*,}" --steps "$STEPS" --warmup 1 --baseline upstream
+for method in lora-chat qlora lora-base; do
+  case ",$GRIDS," in *",compiled,"*) GRIDS="$GRIDS,compiled-$method" ;; esac
+  grid "compiled-$method" 150 -- --methods "$method" --lengths "${LENGTHS##*,}" --steps "$STEPS" --warmup 1 --compile
+done
+case ",$GRIDS," in *",loss,"*)
+  echo "=== loss $(date +%T)" >>"$LOG"
+  timeout 120 $PY benchmarks/loss_memory_bench.py --device cuda --output "$OUT/loss-memory-gpu.json" >>"$LOG" 2>&1
+  echo "=== loss exit $? $(date +%T)" >>"$LOG" ;;
+esac
 tail -n 60 "$LOG"
