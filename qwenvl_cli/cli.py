@@ -876,8 +876,10 @@ def main() -> None:
     import warnings
 
     # Growable CUDA memory segments: less memory held but unused (fragmentation) in long training runs with
-    # varying lengths; read when CUDA first allocates, inherited by launched processes. A user's value wins.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    # varying lengths; read when CUDA first allocates, inherited by launched processes. A user's value, under
+    # either of PyTorch's names for it, wins.
+    if not (os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     # Deprecation notices that peft/transformers raise against each other are not actionable by users.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
     app()

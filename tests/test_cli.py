@@ -164,9 +164,13 @@ def test_cuda_memory_segments_grow_unless_the_user_chose(monkeypatch):
 
     probe = "import os, sys; sys.argv = ['qwenvl', '--version']\nfrom qwenvl_cli import cli\ntry:\n    cli.main()\n"
     probe += "except SystemExit:\n    pass\nprint(os.environ.get('PYTORCH_CUDA_ALLOC_CONF'))"
-    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
     ours = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert ours.stdout.strip().splitlines()[-1] == "expandable_segments:True"
     env["PYTORCH_CUDA_ALLOC_CONF"] = "max_split_size_mb:128"
     theirs = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert theirs.stdout.strip().splitlines()[-1] == "max_split_size_mb:128"
+    newer_name = dict(env, PYTORCH_ALLOC_CONF="max_split_size_mb:64")  # PyTorch's newer name for the setting
+    del newer_name["PYTORCH_CUDA_ALLOC_CONF"]
+    theirs = subprocess.run([sys.executable, "-c", probe], env=newer_name, capture_output=True, text=True, check=True)
+    assert theirs.stdout.strip().splitlines()[-1] == "None"

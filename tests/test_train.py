@@ -566,9 +566,12 @@ def test_base_model_lora_parks_the_frozen_originals_and_training_never_calls_the
                 parked.append(module.original_module.register_forward_pre_hook(refuse))
         return park(model, device)
 
+    def park_and_guard_elsewhere(model, device):  # "meta": a device that nothing can compute on or copy from
+        return park_and_guard(model, "meta")
+
     park = runner.park_frozen_originals
-    monkeypatch.setattr(runner, "_parks_originals", lambda options: True)
-    monkeypatch.setattr(runner, "park_frozen_originals", park_and_guard)
+    monkeypatch.setattr(runner, "_one_cuda_process", lambda options: True)
+    monkeypatch.setattr(runner, "park_frozen_originals", park_and_guard_elsewhere)
     result = run_training(
         options(models, data, tmp_path / "run", model=models / "tiny-base", max_steps=2, save_steps=1,
                 eval_data=data, eval_every=2, eval_samples=2)
@@ -576,6 +579,54 @@ def test_base_model_lora_parks_the_frozen_originals_and_training_never_calls_the
     assert len(parked) == 2  # wte and lm_head
     assert result.global_step == 2 and result.evaluations
     assert any("wait in CPU memory" in note for note in result.notes)
+
+
+def test_lora_on_a_chat_model_looks_embeddings_up_in_host_memory_with_the_same_training(
+    models, data, tmp_path, monkeypatch
+):
+    """On one GPU the frozen wte of LoRA and Q-LoRA waits in CPU memory; each forward pass looks its rows up
+    there and sends them on (here forced on the CPU, where both moves stay on the CPU). Training, checkpoints
+    and evaluation by generation go through the hooks, and the losses equal a run without them."""
+    from qwenvl_cli.train import runner
+
+    installed = []
+
+    def install_and_count(model, device="cpu"):
+        calls = installed.append
+        model.get_input_embeddings().register_forward_hook(lambda module, args, out: calls(out.device))
+        return embeddings(model, device)
+
+    embeddings = runner.embeddings_in_host_memory
+    settings = {"max_steps": 2, "save_steps": 1, "eval_data": data, "eval_every": 2, "eval_samples": 2}
+    plain = run_training(options(models, data, tmp_path / "plain", **settings))
+    monkeypatch.setattr(runner, "_one_cuda_process", lambda options: True)
+    monkeypatch.setattr(runner, "embeddings_in_host_memory", install_and_count)
+    hosted = run_training(options(models, data, tmp_path / "hosted", **settings))
+    assert any("looked up in CPU memory" in note for note in hosted.notes)
+    assert not any("looked up in CPU memory" in note for note in plain.notes)
+    assert len(installed) > 2  # training steps and the evaluation's generation
+    assert hosted.global_step == plain.global_step == 2 and hosted.evaluations
+    assert hosted.final_loss == pytest.approx(plain.final_loss, abs=1e-6)
+    assert hosted.evaluations[-1]["eval_loss"] == pytest.approx(plain.evaluations[-1]["eval_loss"], abs=1e-6)
+
+
+def test_embeddings_in_host_memory_moves_only_frozen_tables_and_keeps_inputs_requiring_grad(models):
+    from qwenvl_cli.train.runner import embeddings_in_host_memory
+
+    model, _ = load_checkpoint(models / "tiny")
+    ids = torch.tensor([[5, 6, 7]])
+    assert embeddings_in_host_memory(model, "meta") == 0  # trainable (full fine-tuning): left alone
+    assert model.transformer.wte.weight.device.type == "cpu"
+    model.requires_grad_(False)
+    model.enable_input_require_grads()  # as gradient checkpointing with frozen embeddings does
+    expected = model.get_input_embeddings()(ids)
+    assert embeddings_in_host_memory(model, "cpu") == model.transformer.wte.weight.numel()
+    rows = model.get_input_embeddings()(ids)
+    assert torch.equal(rows, expected) and rows.requires_grad
+    other, _ = load_checkpoint(models / "tiny")
+    other.requires_grad_(False)
+    embeddings_in_host_memory(other, "meta")
+    assert other.transformer.wte.weight.device.type == "meta" and other.compute_device.type == "cpu"
 
 
 def test_park_frozen_originals_counts_what_it_moves(models):

@@ -70,7 +70,7 @@ def stream_tokens(
 ) -> Iterator[int]:
     """Yield new token ids one by one (a stop token is not yielded). `input_ids` is (1, S)."""
     settings = settings or GenerationSettings()
-    device = next(model.parameters()).device
+    device = getattr(model, "compute_device", None) or next(model.parameters()).device
     ids = input_ids.to(device)
     if pixel_values is not None:
         pixel_values = pixel_values.to(device)

@@ -366,6 +366,12 @@ class QwenVLForCausalLM(QwenVLPreTrainedModel, GenerationMixin):
         for block in self.transformer.h:
             block.attn.eager = on
 
+    @property
+    def compute_device(self) -> torch.device:
+        """Where the model computes: the final norm's device. `next(parameters())` would be wte, which may wait
+        in CPU memory during training (`embeddings_in_host_memory`, `park_frozen_originals`)."""
+        return self.transformer.ln_f.weight.device
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.transformer.wte
 

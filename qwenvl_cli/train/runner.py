@@ -259,9 +259,9 @@ def _load_model(model_dir: Path, rules: ResolvedRules, quant: str | None, random
     return load_checkpoint(model_dir, dtype=dtype, device=device)
 
 
-def _parks_originals(options: TrainOptions) -> bool:
-    """Whether the frozen originals of peft's modules_to_save leave the GPU during training: one CUDA process
-    without DeepSpeed or FSDP (they shard and place the parameters themselves)."""
+def _one_cuda_process(options: TrainOptions) -> bool:
+    """One CUDA process without DeepSpeed or FSDP (they shard and place the parameters themselves; DDP wants
+    a module on one device): where frozen weights that training does not need on the GPU wait in CPU memory."""
     return torch.cuda.is_available() and options.engine == "ddp" and _world_size() == 1
 
 
@@ -278,6 +278,29 @@ def park_frozen_originals(model, device: str | torch.device) -> int:
             module.original_module.to(device)
             moved += sum(parameter.numel() for parameter in module.original_module.parameters())
     return moved
+
+
+def embeddings_in_host_memory(model, device: str | torch.device = "cpu") -> int:
+    """Keep frozen token embeddings in `device` (CPU) memory: each forward pass looks its rows up there and
+    sends them to the device the model computes on (1.16 GiB of GPU memory freed at 7B in bf16 or fp16, for
+    a 16 MiB copy per 2,048-token row). Returns the values moved; 0, and nothing changed, when the embeddings
+    train (full fine-tuning, LoRA on a base model)."""
+    embedding = model.get_input_embeddings()
+    if any(parameter.requires_grad for parameter in embedding.parameters()):
+        return 0
+    compute = model.compute_device
+    embedding.to(device)
+
+    def ids_to_table(module, args):
+        return (args[0].to(device), *args[1:])
+
+    def rows_to_compute_device(module, args, output):
+        return output.to(compute, non_blocking=True)
+
+    # Before any other hook (transformers' enable_input_require_grads marks the rows it returns).
+    embedding.register_forward_pre_hook(ids_to_table, prepend=True)
+    embedding.register_forward_hook(rows_to_compute_device, prepend=True)
+    return sum(parameter.numel() for parameter in embedding.parameters())
 
 
 def compile_blocks(model) -> int:
@@ -617,12 +640,19 @@ def _trainer(model, options, rules, samples, config, tokenizer, image_root, chec
 
     class Events(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            if rules.modules_to_save and _parks_originals(options):
+            if rules.modules_to_save and _one_cuda_process(options):
                 moved = park_frozen_originals(kwargs["model"], "cpu")
                 result.notes.append(
                     f"the frozen originals of {', '.join(rules.modules_to_save)} ({moved / 1e6:,.1f} M values) wait in "
                     "CPU memory: training uses their trainable copies only"
                 )
+            if options.recipe != "upstream" and _one_cuda_process(options):
+                moved = embeddings_in_host_memory(kwargs["model"])
+                if moved:
+                    result.notes.append(
+                        f"the frozen token embeddings ({moved / 1e6:,.1f} M values) are looked up in CPU memory "
+                        "and only the rows of each batch go to the GPU"
+                    )
             emit("steps", {"total": state.max_steps, "done": state.global_step})
 
         def on_log(self, args, state, control, logs=None, **kwargs):
