@@ -287,3 +287,16 @@ def test_random_nf4_model_keeps_frozen_weights_16_bit_under_qlora():
     assert trainable and all("lora_" in name for name in trainable)
     assert set(trainable.values()) == {torch.float32}
     assert frozen == {torch.float16}
+
+
+def test_flat_step_times_on_a_gpu_are_called_host_bound():
+    """The H100 7B grid (s/it flat from 384 to 2,048 tokens) gets a note per method pointing to --compile; the
+    CPU tiny grid, whose steps grow with the length, gets none."""
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    h100 = ProfileResult.model_validate_json((results / "profile-h100-7b.json").read_text("utf-8"))
+    notes = profile_service.host_bound_notes(h100.cells)
+    assert [note.split(":")[0] for note in notes] == ["lora-chat", "lora-base", "qlora"]
+    assert "×5.3 the tokens (384 → 2048) took ×0.84 the time" in notes[0] and "--compile" in notes[0]
+    cpu = ProfileResult.model_validate_json((results / "profile-cpu-tiny.json").read_text("utf-8"))
+    assert profile_service.host_bound_notes(cpu.cells) == []
+    assert profile_service.host_bound_notes(h100.cells[:1]) == []  # one length: nothing to compare
