@@ -27,7 +27,7 @@ LOG=$OUT/profile.log
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 vocab_flag=()
 [ -n "$VOCAB" ] && vocab_flag=(--vocab "$VOCAB")
-GRIDS=${GRIDS:-lora-chat,qlora,lora-base,baseline}  # which grids to run; also: compiled, loss
+GRIDS=${GRIDS:-sanity,lora-chat,qlora,lora-base,baseline}  # which grids to run; also: compiled, loss
 grid() {  # grid NAME TIMEOUT_S -- profile flags...
   local name=$1 limit=$2; shift 3
   case ",$GRIDS," in *",$name,"*) ;; *) return ;; esac
@@ -36,6 +36,16 @@ grid() {  # grid NAME TIMEOUT_S -- profile flags...
     --output "$OUT/profile-$name.json" >>"$LOG" 2>&1
   echo "=== $name exit $? $(date +%T)" >>"$LOG"
 }
+# First, 15 seconds that tell whether training on this GPU works at all with what was built since the last GPU
+# run: LoRA on the built-in tiny chat model and demo data, with its evaluation by generation (the frozen
+# embeddings looked up in CPU memory, generation finding the model's device). Its summary goes to the log.
+case ",$GRIDS," in *",sanity,"*)
+  echo "=== sanity $(date +%T)" >>"$LOG"
+  timeout 90 $PY -m qwenvl_cli train --method lora --max-steps 10 --eval-every 5 --eval-samples 4 \
+    --output "$OUT/sanity-run" >>"$LOG" 2>&1
+  echo "=== sanity exit $? $(date +%T)" >>"$LOG"
+  rm -rf "$OUT/sanity-run" ;;
+esac
 grid lora-chat 200 -- --methods lora-chat --lengths "$LENGTHS" --steps "$STEPS" --warmup 1
 grid qlora 200 -- --methods qlora --lengths "$LENGTHS" --steps "$STEPS" --warmup 1
 grid lora-base 200 -- --methods lora-base --lengths "$LENGTHS" --steps "$STEPS" --warmup 1
