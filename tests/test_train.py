@@ -526,7 +526,7 @@ def test_deepspeed_in_one_process_needs_no_launcher_and_leaves_the_environment_a
 
 def test_compile_gives_the_same_training_and_compiles_every_block_without_graph_breaks(tmp_path, models):
     """--compile (torch.compile of each LM and ViT block, with LoRA adapters and gradient checkpointing in
-    them): the same losses as eager, one compiled graph per kind of block, no graph break."""
+    them): the same losses as eager, one compiled graph per kind of block and grad mode, no graph break."""
     from torch._dynamo.utils import counters
 
     from qwenvl_cli.train.lengths_data import make_data
@@ -542,7 +542,9 @@ def test_compile_gives_the_same_training_and_compiles_every_block_without_graph_
         )  # fmt: skip
         runs[compiled] = run_training(options)
         graphs = counters["stats"]["unique_graphs"]
-        assert (graphs == 2) if compiled else (graphs == 0)  # QwenBlock and VisionBlock
+        # QwenBlock twice (reentrant checkpointing runs it without gradients, then again with them in the
+        # backward pass) and VisionBlock once
+        assert (graphs == 3) if compiled else (graphs == 0)
         assert sum(counters["graph_break"].values()) == 0
     assert runs[True].final_loss == pytest.approx(runs[False].final_loss, abs=1e-4)
 
