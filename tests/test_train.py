@@ -486,8 +486,9 @@ def test_two_processes_train_like_one_process_with_their_batches_together(models
     deepspeed also shows that DeepSpeed runs without a launcher.)"""
     if "deepspeed" in engine:
         pytest.importorskip("deepspeed")
-    # no LoRA dropout: its random masks are drawn differently by one process and by two
-    flags = ["--lr", "1e-2", "--save-steps", "1", "--seed", "3", "--lora-dropout", "0"]  # + 2 steps
+    # no LoRA dropout: its random masks are drawn differently by one process and by two; with (reentrant)
+    # gradient checkpointing, which DDP and ZeRO must take with their gradient hooks
+    flags = ["--lr", "1e-2", "--save-steps", "1", "--seed", "3", "--lora-dropout", "0", "--gradient-checkpointing"]
     one = tmp_path / "one"
     train_in_processes(models, data, one, *flags, "--batch-size", "2", *engine)
     two = tmp_path / "two"
