@@ -68,3 +68,12 @@ def machine_info(packages: list[str]) -> dict:
         "git_commit": _git("rev-parse", "HEAD"),
         "git_tracked_changes": bool(status) if status is not None else None,
     }
+
+
+def write_result(path: Path, data: dict) -> None:
+    """Write a benchmark's JSON (indented, UTF-8, folders made) and say where."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", "utf-8")
+    print(f"wrote {path}")

@@ -17,7 +17,6 @@ benchmarks/results/chat.json.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import sys
@@ -25,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _machine import load_average, machine_info
+from _machine import load_average, machine_info, write_result
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "chat.json"
@@ -121,9 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": "tiny (random weights, fp32, CPU), one 448-px picture (258 positions) in the question",
         "results": results,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(out, indent=2) + "\n", "utf-8")
-    print(f"wrote {args.output}")
+    write_result(args.output, out)
     return 0
 
 

@@ -35,7 +35,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _machine import load_average, machine_info
+from _machine import load_average, machine_info, write_result
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "host-ops.json"
@@ -228,9 +228,7 @@ def main() -> int:
         before = baseline["run"]
         results["baseline"] = {"label": baseline["label"], "commit": baseline["machine"]["git_commit"], "run": before}
         results["ops_vs_baseline"] = round(run["aten_ops_per_micro_batch"] / before["aten_ops_per_micro_batch"], 3)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n", "utf-8")
-    print(f"wrote {args.output}")
+    write_result(args.output, results)
     return 0
 
 

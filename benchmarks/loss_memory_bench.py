@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from _machine import load_average, machine_info
+from _machine import load_average, machine_info, write_result
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "loss-memory.json"
@@ -125,9 +125,7 @@ def main() -> int:
             cases += [whole, chunked_result]
     results["cases"] = cases
     results["load_average_at_end"] = load_average()
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n", "utf-8")
-    print(f"wrote {args.output}")
+    write_result(args.output, results)
     return 0
 
 
