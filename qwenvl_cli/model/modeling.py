@@ -451,9 +451,9 @@ def chunked_scored_loss(
     measures both).
 
     A trainable lm_head (full fine-tuning; LoRA on a base model, where peft trains a copy of it) is scored
-    whole: its weight gradient (1.16 GiB in bf16 at 7B) would arrive once per chunk and be summed by autograd,
-    holding two or three of them at once (measured on CPU, 512 rows: 3.5 GiB against 1.3 whole; 2,048 rows: no gain;
-    `chunk_trainable=True` chunks it anyway, for that measurement)."""
+    whole: its weight gradient (1.16 GiB in bf16 at 7B) would arrive once per chunk and be summed by
+    autograd, holding two or three of them at once (measured on CPU at 512 rows: 3.5 GiB against 1.3 whole;
+    at 2,048 rows no gain). `chunk_trainable=True` chunks it anyway, for that measurement."""
     rows = hidden.shape[0]
     chunk = max(1, chunk_elements // vocab_size)
     trainable = any(parameter.requires_grad for parameter in lm_head.parameters())
