@@ -374,14 +374,15 @@ def test_left_padding_gives_no_nan(model, tokenizer):
     assert torch.isfinite(logits).all()
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(config, tokenizer):
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant (qwenvl train's)"])
+def test_gradient_checkpointing_gives_the_same_gradients(config, tokenizer, reentrant):
     ids, labels, pixels, _ = picture_sample(tokenizer)
     grads = []
     for checkpointing in (False, True):
         model = small_model(config).train()
         calls = []
         if checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
             inner = model.transformer._gradient_checkpointing_func
             model.transformer._gradient_checkpointing_func = lambda *a, _calls=calls, _inner=inner, **k: (
                 _calls.append(1) or _inner(*a, **k)
