@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qwenvl_cli.profile import ProfileResult
-from qwenvl_cli.render_profile import profile_markdown, profile_png
+from qwenvl_cli.render.profile import profile_markdown, profile_png
 
 
 def merge(results: list[ProfileResult]) -> ProfileResult:

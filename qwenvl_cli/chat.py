@@ -90,7 +90,7 @@ class Conversation:
 
     def pictures(self) -> list[str]:
         """Every picture of the conversation so far, in order (Picture 1, 2, …)."""
-        from .data.markup import scan_markup
+        from .markup import scan_markup
 
         found = []
         for query, _ in self.session.history:

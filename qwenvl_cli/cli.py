@@ -32,7 +32,7 @@ def _service_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from .render import print_error
+        from .render.common import print_error
 
         try:
             return command(*args, **kwargs)
@@ -115,7 +115,7 @@ def validate_data_command(
       qwenvl validate-data train.json --output-clean train.clean.json
     """
     from .data.validate import ValidateOptions, validate_data
-    from .render import progress_hook, render_validation
+    from .render.validate import progress_hook, render_validation
 
     if not paths:
         from .demo import DEMO_DATA
@@ -245,7 +245,7 @@ def data_synth_command(
       qwenvl data synth --output data/colours --n 600 --max-shapes 1 --questions colour
     """
     from .data.synth import synthesize
-    from .render_eval import count_progress, render_synth
+    from .render.eval import count_progress, render_synth
 
     with count_progress(stderr, "drawing") as hook:
         kinds = [kind.strip() for kind in questions.split(",") if kind.strip()]
@@ -285,7 +285,7 @@ def eval_command(
       qwenvl eval --model models/tiny --data eval.json --format json > eval-report.json
     """
     from .evaluate import evaluate_folder
-    from .render_eval import count_progress, render_eval
+    from .render.eval import count_progress, render_eval
 
     with count_progress(stderr, "answering") as hook:
         report = evaluate_folder(model, data, adapter, image_root, limit, max_new_tokens, hook)
@@ -431,7 +431,7 @@ def train_command(
       qwenvl train --gpus 8 --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 --output /shared/run ...  # each node
       qwenvl train --hostfile hosts.txt --engine deepspeed --zero 3 --output /shared/run ...
     """
-    from .render import render_train_result, train_progress
+    from .render.train import render_train_result, train_progress
     from .train.runner import TrainOptions, run_training
 
     launch_options = ("gpus", "nproc", "nnodes", "node_rank", "master_addr", "master_port", "hostfile")
@@ -597,7 +597,7 @@ def chat_command(
       qwenvl chat --model ./Qwen-VL-Chat --image photo.jpg --prompt "Where is the dog?" --json
     """
     from .chat import ask_once, open_conversation
-    from .render_chat import chat_loop, render_boxes
+    from .render.chat import chat_loop, render_boxes
 
     settings = _generation_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
     if json_output and prompt is None:
@@ -749,7 +749,7 @@ def merge_command(
       cd runs/chat-lora && qwenvl merge              # the current run folder
     """
     from .merge import merge_adapter
-    from .render_merge import merge_stages, render_merge
+    from .render.merge import merge_stages, render_merge
 
     with merge_stages(stderr) as hook:
         result = merge_adapter(
@@ -833,7 +833,7 @@ def profile_command(
       qwenvl profile --baseline upstream --markdown profile.md --plot profile.png
     """
     from .profile import ProfileOptions, parse_lengths, parse_methods, parse_size_gib, run_profile
-    from .render_profile import profile_markdown, profile_png, profile_progress, render_profile
+    from .render.profile import profile_markdown, profile_png, profile_progress, render_profile
 
     if baseline not in (None, "upstream"):
         raise QwenvlError(f"--baseline {baseline!r} is not known", "The one baseline is --baseline upstream")

@@ -23,9 +23,9 @@ from typing import Literal
 from pydantic import BaseModel
 
 from . import __version__
-from .data.markup import parse_box_text, scan_markup
 from .errors import QwenvlError
 from .inference import check_adapter
+from .markup import parse_box_text, scan_markup
 from .schemas import Box, Sample, Severity
 
 IOU_THRESHOLD = 0.5

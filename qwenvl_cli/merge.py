@@ -228,7 +228,7 @@ def _check_fingerprint(
     base: Path, base_given: bool, record: RunRecord | None, adapter: Path, force: bool, notes: list[str]
 ) -> str:
     """Compare the base with the fingerprint the run recorded: matches, differs (with --force) or unchecked."""
-    from .train.runner import model_fingerprint
+    from .model.checkpoint import model_fingerprint
 
     if record is None:
         notes.append(f"{adapter} has no {RUN_MANIFEST}: the base model could not be checked against a training run")

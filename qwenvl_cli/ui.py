@@ -158,7 +158,7 @@ def shown_text(text: str) -> str:
 
 def _user_messages(query: str, first_picture: int) -> tuple[list[dict], int]:
     """A query (with its `Picture N: <img>…</img>` markup) as messages; and the number of pictures in it."""
-    from .data.markup import scan_markup
+    from .markup import scan_markup
 
     messages, text, count = [], [], 0
     for span in scan_markup(query).spans:

@@ -1,4 +1,4 @@
-"""The markup scanner, parser and formatter (`qwenvl_cli.data.markup`) and the box/quad models."""
+"""The markup scanner, parser and formatter (`qwenvl_cli.markup`) and the box/quad models."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from qwenvl_cli.data.markup import (
+from qwenvl_cli.markup import (
     MarkupError,
     format_markup,
     grounding_markup,

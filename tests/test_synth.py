@@ -13,11 +13,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from qwenvl_cli.cli import app
-from qwenvl_cli.data.markup import scan_markup
 from qwenvl_cli.data.synth import BACKGROUND, KINDS, PALETTE, draw_picture, split_sizes, synthesize
 from qwenvl_cli.data.validate import validate_data
 from qwenvl_cli.errors import QwenvlError
 from qwenvl_cli.evaluate import extract_boxes, iou
+from qwenvl_cli.markup import scan_markup
 from qwenvl_cli.schemas import Box
 
 COLOURS = "|".join(PALETTE)

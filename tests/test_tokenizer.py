@@ -9,8 +9,8 @@ from conftest import SHARED_VOCAB
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qwenvl_cli.data.markup import MarkupError
 from qwenvl_cli.errors import QwenvlError
+from qwenvl_cli.markup import MarkupError
 from qwenvl_cli.model.template import DEFAULT_SYSTEM, IGNORE_INDEX, IMAGE_TOKENS, ChatTemplate
 from qwenvl_cli.model.tokenizer import (
     EXTRAS,

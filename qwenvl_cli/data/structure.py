@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .markup import Span, parse_box_text, parse_quad_text, scan_markup, snippet
+from ..markup import Span, parse_box_text, parse_quad_text, scan_markup, snippet
 
 KNOWN_SAMPLE_KEYS = frozenset({"id", "conversations"})
 ROLE_HINTS = {

@@ -30,8 +30,8 @@ from PIL import Image, ImageDraw
 from pydantic import BaseModel
 
 from ..errors import QwenvlError
+from ..markup import grounding_markup, picture_markup
 from ..schemas import Box
-from .markup import grounding_markup, picture_markup
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),

@@ -13,6 +13,7 @@ the weights exist once in memory. Nothing in the folder is ever executed (no rem
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -263,3 +264,15 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def model_fingerprint(folder: Path) -> str:
+    """sha256 over config.json, qwen.tiktoken and the names and sizes of the weight files."""
+    digest = hashlib.sha256()
+    for name in ("config.json", VOCAB_FILE):
+        path = folder / name
+        if path.is_file():
+            digest.update(path.read_bytes())
+    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        digest.update(f"{path.name}:{path.stat().st_size}".encode())
+    return digest.hexdigest()

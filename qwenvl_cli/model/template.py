@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..data.markup import MarkupError, scan_markup
+from ..markup import MarkupError, scan_markup
 from .tokenizer import IMAGE_PLACEHOLDERS, QwenVLTokenizer
 
 DEFAULT_SYSTEM = "You are a helpful assistant."

@@ -12,7 +12,6 @@ qwenvl_run.json             written last: a folder without it is not a finished 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -28,7 +27,7 @@ from pydantic import BaseModel, Field
 
 from .. import __version__
 from ..errors import QwenvlError
-from ..model.checkpoint import read_generation_config, save_checkpoint
+from ..model.checkpoint import model_fingerprint, read_generation_config, save_checkpoint
 from ..model.config import QwenVLConfig
 from ..model.processor import PaddingCollator
 from ..model.template import ChatTemplate
@@ -127,18 +126,6 @@ def builtin_model_dir() -> Path:
     if not (folder / "model.safetensors").is_file():
         init_model("tiny", folder, seed=0, force=True)
     return folder
-
-
-def model_fingerprint(folder: Path) -> str:
-    """sha256 over config.json, qwen.tiktoken and the names and sizes of the weight files."""
-    digest = hashlib.sha256()
-    for name in ("config.json", VOCAB_FILE):
-        path = folder / name
-        if path.is_file():
-            digest.update(path.read_bytes())
-    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
-        digest.update(f"{path.name}:{path.stat().st_size}".encode())
-    return digest.hexdigest()
 
 
 def _packages() -> dict[str, str]:
@@ -854,7 +841,7 @@ def _finish(
             )
         curve = None
         if losses:
-            from .plot import loss_curve_png
+            from ..charts import loss_curve_png
 
             loss_curve_png(losses, staging / "loss.png", title=f"{rules.method} · {Path(options.data).name}")
             curve = str(output / "loss.png")

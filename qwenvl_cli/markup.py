@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ..schemas import (
+from .schemas import (
     Box,
     BoxSpan,
     MarkupSpan,

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .merge import MergeResult
+from ..merge import MergeResult
 
 
 @contextmanager

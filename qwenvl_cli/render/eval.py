@@ -10,8 +10,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .data.synth import SynthSummary
-from .evaluate import EvalReport
+from ..data.synth import SynthSummary
+from ..evaluate import EvalReport
 
 _PICTURE = re.compile(r"Picture (\d+): <img>[^<]*</img>\n?")
 

@@ -10,9 +10,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .chat import ChatAnswer, Conversation
-from .errors import QwenvlError
-from .model.generation import GenerationSettings
+from ..chat import ChatAnswer, Conversation
+from ..errors import QwenvlError
+from ..model.generation import GenerationSettings
 
 HELP = """commands:
   /image PATH|URL   attach a picture to your next message (several: repeat)
