@@ -18,7 +18,7 @@ resampler) and tiny widths, so that the operators are the 7B model's and their a
 2. Host time: forward and backward of one text-only micro-batch of about 30 tokens, where the arithmetic
    of the tiny widths is negligible and what is left is Python, dispatch and autograd — the host's share
    of a GPU step, less the launches. As on a GPU: bf16 weights, fp32 LoRA adapters made by the runner's
-   own `_apply_method`, autocast to bf16, gradient checkpointing; one torch thread. Four variants —
+   own `apply_method`, autocast to bf16, gradient checkpointing; one torch thread. Four variants —
    non-reentrant or reentrant checkpointing, eager or `--compile` — each in a fresh process, 3 warm-up
    micro-batches then 15 timed; the variants alternate over `--rounds` rounds and the figure is the median
    of the rounds' medians. Seconds depend on this CPU; the ratios between variants are the result.
@@ -128,22 +128,26 @@ def time_variant(folder: Path, name: str, timed: int = 15) -> dict:
 
     import torch
 
+    from qwenvl_cli.families import family_named
     from qwenvl_cli.model.checkpoint import load_checkpoint
     from qwenvl_cli.model.template import ChatTemplate
+    from qwenvl_cli.train.method import apply_method
+    from qwenvl_cli.train.options import TrainOptions
+    from qwenvl_cli.train.placement import compile_blocks
     from qwenvl_cli.train.presets import resolve_rules
-    from qwenvl_cli.train.runner import TrainOptions, _apply_method, compile_blocks
 
     reentrant, compiled = VARIANTS[name]
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model, tokenizer = load_checkpoint(folder, dtype=torch.bfloat16)
     options = TrainOptions(method="lora", model=folder, data=folder / "unused.json")
-    model = _apply_method(model, options, resolve_rules("lora"))
+    family = family_named("qwen-vl")
+    model = apply_method(model, options, resolve_rules("lora"), family)
     model.train()
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
     model.enable_input_require_grads()
     if compiled:
-        compile_blocks(model)
+        compile_blocks(model, family)
     encoded = ChatTemplate(tokenizer).encode([("user", "Describe the red square."), ("assistant", "A blue circle.")])
     ids, labels = torch.tensor([encoded.input_ids]), torch.tensor([encoded.labels])
 

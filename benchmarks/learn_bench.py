@@ -277,8 +277,9 @@ def picture_reliance(model_dir: Path, eval_file: Path, samples: list[dict], adap
     swapped pictures. Every answer is scored with the reference conversation before it, as in training."""
     import torch
 
+    from qwenvl_cli.images import load_image
     from qwenvl_cli.model.checkpoint import load_checkpoint
-    from qwenvl_cli.model.image import load_image, preprocess_images
+    from qwenvl_cli.model.image import preprocess_images
     from qwenvl_cli.model.template import ChatTemplate
 
     model, tokenizer = load_checkpoint(model_dir, dtype="fp32", device="cpu")

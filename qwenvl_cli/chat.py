@@ -17,8 +17,7 @@ from pydantic import BaseModel, Field
 
 from .errors import QwenvlError
 from .inference import LoadedModel, load_for_inference
-from .model.generation import ChatSession, GenerationSettings
-from .model.template import DEFAULT_SYSTEM
+from .schemas import GenerationSettings
 
 BOX_COLOURS = ((230, 57, 70), (29, 122, 243), (46, 160, 67), (245, 159, 0), (142, 68, 173), (0, 150, 136))
 
@@ -55,16 +54,32 @@ def check_settings(settings: GenerationSettings) -> None:
             raise QwenvlError(f"{what} cannot be used", f"Give a value {wanted}")
 
 
+def generation_settings(
+    max_new_tokens: int, temperature: float, top_p: float, top_k: int, repetition_penalty: float, seed: int | None
+) -> GenerationSettings:
+    """The generation flags of `chat` and `serve-ui` as GenerationSettings, refused with the flag named when
+    they cannot work."""
+    settings = GenerationSettings(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
+    check_settings(settings)
+    return settings
+
+
 class Conversation:
     """One chat: the model, the exchanges so far, pictures attached for the next message, the system prompt."""
 
-    def __init__(self, loaded: LoadedModel, image_root: Path | None = None, system: str = DEFAULT_SYSTEM):
-        from .model.processor import QwenVLProcessor
-
+    def __init__(self, loaded: LoadedModel, image_root: Path | None = None, system: str | None = None):
+        """`system` None: the family's default system prompt."""
         self.loaded = loaded
         self.image_root = image_root
-        self.processor = QwenVLProcessor(loaded.tokenizer, loaded.config.image_size, image_root, system)
-        self.session = ChatSession(loaded.model, self.processor, loaded.chat_format, loaded.max_window_size)
+        self.processor = loaded.family.processor(loaded.tokenizer, loaded.config, image_root, system)
+        self.session = loaded.family.chat_session(loaded.model, self.processor, loaded.generation)
         self.pending: list[str] = []  # pictures for the next message
 
     @property
@@ -72,14 +87,12 @@ class Conversation:
         return self.processor.template.system
 
     def set_system(self, text: str) -> None:
-        from .model.processor import QwenVLProcessor
-
-        processor = QwenVLProcessor(self.loaded.tokenizer, self.loaded.config.image_size, self.image_root, text)
+        processor = self.loaded.family.processor(self.loaded.tokenizer, self.loaded.config, self.image_root, text)
         self.processor = self.session.processor = processor
 
     def attach(self, picture: str) -> None:
         """Queue a picture (path or URL) for the next message; it is opened now so a broken one is named now."""
-        from .model.image import load_image
+        from .images import load_image
 
         load_image(picture, self.image_root)
         self.pending.append(picture)
@@ -138,7 +151,7 @@ class Conversation:
         pictures = self.pictures()
         if not found or not pictures:
             return ChatAnswer(answer=answer, boxes=[])
-        from .model.image import load_image
+        from .images import load_image
 
         picture = pictures[-1]
         image = load_image(picture, self.image_root)
@@ -182,7 +195,7 @@ def open_conversation(
     model_dir: Path, adapter_dir: Path | None = None, image_root: Path | None = None, system: str | None = None
 ) -> Conversation:
     loaded = load_for_inference(model_dir, adapter_dir)
-    return Conversation(loaded, image_root, system if system is not None else DEFAULT_SYSTEM)
+    return Conversation(loaded, image_root, system)
 
 
 def ask_once(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import sys
 from enum import Enum
@@ -14,6 +13,7 @@ from rich.console import Console
 
 from . import __version__
 from .errors import QwenvlError
+from .families import FAMILIES
 
 app = typer.Typer(
     name="qwenvl",
@@ -143,25 +143,16 @@ def validate_data_command(
     raise typer.Exit(report.exit_code)
 
 
-class Preset(str, Enum):
-    tiny = "tiny"
-    tiny_base = "tiny-base"
-    qwen_vl_7b = "qwen-vl-7b"
-    qwen_vl_7b_base = "qwen-vl-7b-base"
+# init-model presets: every family's (qwenvl_cli.families), with their one-line descriptions for --help
+Preset = Enum("Preset", {name: name for family in FAMILIES.values() for name in family.presets}, type=str)
+PRESET_HELP = "; ".join(f"{name}: {text}" for family in FAMILIES.values() for name, text in family.presets.items())
 
 
 @app.command("init-model")
 @_service_errors
 def init_model_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the checkpoint into.")],
-    preset: Annotated[
-        Preset,
-        typer.Option(
-            help="tiny: chat model for tests and demos; tiny-base: the same as a "
-            "base model (chat_format raw); qwen-vl-7b: the official sizes (Qwen-VL-Chat); qwen-vl-7b-base: "
-            "the same as a base model (Qwen-VL)."
-        ),
-    ] = Preset.tiny,
+    preset: Annotated[Preset, typer.Option(help=PRESET_HELP + ".")] = Preset.tiny,
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     vocab: Annotated[
         Path | None, typer.Option(help="A qwen.tiktoken to use instead of the built-in tiny vocabulary.")
@@ -187,9 +178,10 @@ def init_model_command(
       qwenvl init-model --preset tiny-base --output models/tiny-base
       qwenvl init-model --preset qwen-vl-7b --vocab Qwen-VL-Chat/qwen.tiktoken --output models/7b-config
     """
-    from .model.presets import init_model
+    from .families import family_of_preset
 
-    result = init_model(preset.value, output, seed=seed, vocab=vocab, weights=weights, force=force)
+    family = family_of_preset(preset.value)
+    result = family.init_model(preset.value, output, seed=seed, vocab=vocab, weights=weights, force=force)
     what = (
         f"{result['parameters']:,} parameters"
         if result["weights_written"]
@@ -432,102 +424,39 @@ def train_command(
       qwenvl train --hostfile hosts.txt --engine deepspeed --zero 3 --output /shared/run ...
     """
     from .render.train import render_train_result, train_progress
-    from .train.runner import TrainOptions, run_training
+    from .train.config_file import read_config, train_options
+    from .train.launch import LaunchPlan, plan_run, planned_command, process_group_plan, relaunch, train_argv, world
+    from .train.runner import run_training
 
     launch_options = ("gpus", "nproc", "nnodes", "node_rank", "master_addr", "master_port", "hostfile")
     values = {name: value for name, value in ctx.params.items() if name not in ("config", *launch_options)}
+    given = {name for name in ctx.params if _given(ctx, name)}
+    options = train_options(values, given, config)
     if config is not None:
-        values = _merge_config(ctx, values, config)
-    values = {k: (v.value if isinstance(v, Enum) else v) for k, v in values.items()}
-    if isinstance(values.get("lora_targets"), str):
-        values["lora_targets"] = [name.strip() for name in values["lora_targets"].split(",") if name.strip()]
-    options = TrainOptions(**values)
-    from .train.launch import LaunchPlan, check_plan, is_launched
-
-    if options.model is None and options.data is None:
-        from .train.runner import demo_options
-
-        given = {name for name in ctx.params if _given(ctx, name)}
-        if config is not None:
-            given |= set(_read_config(config))
-        options = demo_options(options, given)
-        if not is_launched():
-            stderr.print(
-                f"[bold]built-in demo[/]: {options.method} fine-tuning of the tiny model on synthetic colour "
-                f"questions ({options.data}), {options.max_steps} steps of {options.batch_size}, held-out "
-                f"pictures asked every {options.eval_every} steps. Pass --model and --data to train your own."
-            )
+        given |= set(read_config(config))
     plan = LaunchPlan(max(gpus, nproc), gpus > 1, nnodes, node_rank, master_addr, master_port, hostfile)
-    if not is_launched():
-        from .train.runner import resolve_defaults
-
-        check_plan(plan, output_given=options.output is not None)
-        options = resolve_defaults(options)  # once: the plan, the launch and the run agree on the run folder
+    options, announcement = plan_run(options, given, plan)
+    if announcement:
+        stderr.print(f"[bold]built-in demo[/]: {announcement}")
     if dry_run:
         with train_progress(stderr) as hook:
             result = run_training(options, hook)
-        render_train_result(result, stdout, _planned_command(plan, options, set(ctx.params)))
+        render_train_result(result, stdout, planned_command(plan, options, set(ctx.params)))
         return
-    if options.engine == "fsdp" and not plan.needed and not is_launched():
-        import torch
-
-        if torch.cuda.is_available():  # FSDP runs in a process group, even on one GPU
-            _launch(dataclasses.replace(plan, gpus=True), options, ctx)
-    if plan.needed and not is_launched():
-        _launch(plan, options, ctx)
+    relaunch_plan = process_group_plan(options, plan)
+    if relaunch_plan is not None:
+        stderr.print(f"launching {relaunch_plan.describe()}")
+        raise typer.Exit(relaunch(relaunch_plan, train_argv(options, set(ctx.params))))
     with train_progress(stderr) as hook:
         result = run_training(options, hook)
-    from .train.launch import world
-
     if world()[0] == 0:
         render_train_result(result, stdout)
-
-
-def _launch(plan, options, ctx: typer.Context) -> None:
-    """Start the processes of `plan` (torchrun or the DeepSpeed launcher) and exit with their status."""
-    from .train.launch import relaunch, train_argv
-
-    stderr.print(f"launching {plan.describe()}")
-    raise typer.Exit(relaunch(plan, train_argv(options, set(ctx.params))))
-
-
-def _planned_command(plan, options, known: set[str]) -> str:
-    """What `qwenvl train` will run: itself, or the launcher that starts it in every process."""
-    from .train.launch import launch_command, shown, train_argv
-
-    args = train_argv(options, known)
-    return shown(launch_command(plan, args) if plan.needed else ["qwenvl", "train", *args])
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
     """Whether option `name` was set on the command line (or by its environment variable)."""
     source = ctx.get_parameter_source(name)
     return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
-
-
-def _read_config(config: Path) -> dict:
-    """The option names (dashes as underscores) and values of a YAML --config file."""
-    import yaml
-
-    try:
-        loaded = yaml.safe_load(config.read_text("utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise QwenvlError(f"cannot read {config} ({exc})", "Pass a YAML file of option: value lines") from None
-    if not isinstance(loaded, dict):
-        raise QwenvlError(f"{config} is not a mapping of options", "Write one `option: value` per line")
-    return {str(key).replace("-", "_"): value for key, value in loaded.items()}
-
-
-def _merge_config(ctx: typer.Context, values: dict, config: Path) -> dict:
-    """Options from a YAML file, under the flags that were given on the command line."""
-    loaded = _read_config(config)
-    merged = dict(values)
-    for name, value in loaded.items():
-        if name not in values:
-            raise QwenvlError(f"{config} sets unknown option {name!r}", "Use the names of qwenvl train's flags")
-        if not _given(ctx, name):
-            merged[name] = value
-    return merged
 
 
 # Generation flags, shared by `chat` and `serve-ui`.
@@ -537,23 +466,6 @@ TopPOption = Annotated[float, typer.Option(help="Nucleus sampling: keep the smal
 TopKOption = Annotated[int, typer.Option(help="Sample among the k likeliest tokens (0: off).")]
 RepetitionPenaltyOption = Annotated[float, typer.Option(help="Above 1 discourages repeating tokens.")]
 SeedOption = Annotated[int | None, typer.Option(help="Seed for sampling (the same seed, the same answer).")]
-
-
-def _generation_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed):
-    """The generation flags as GenerationSettings, refused with the flag named when they cannot work."""
-    from .chat import check_settings
-    from .model.generation import GenerationSettings
-
-    settings = GenerationSettings(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-    )
-    check_settings(settings)
-    return settings
 
 
 @app.command("chat")
@@ -596,14 +508,14 @@ def chat_command(
       qwenvl chat --model ./Qwen-VL-Chat --adapter runs/chat-lora --image photo.jpg
       qwenvl chat --model ./Qwen-VL-Chat --image photo.jpg --prompt "Where is the dog?" --json
     """
-    from .chat import ask_once, open_conversation
+    from .chat import ask_once, generation_settings, open_conversation
     from .render.chat import chat_loop, render_boxes
 
-    settings = _generation_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    settings = generation_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
     if json_output and prompt is None:
         raise QwenvlError("--json goes with --prompt", "Add --prompt TEXT, or leave out --json to chat")
     if model is None:
-        from .train.runner import builtin_model_dir
+        from .train.defaults import builtin_model_dir
 
         model = builtin_model_dir()
     conversation = open_conversation(model, adapter, image_root, system)
@@ -665,6 +577,7 @@ def serve_ui_command(
       qwenvl serve-ui --model ./Qwen-VL-Chat --adapter runs/chat-lora --temperature 0.7 --seed 1
       QWENVL_UI_AUTH=alice:long-secret qwenvl serve-ui --model ./Qwen-VL-Chat --host 0.0.0.0 --port 8000
     """
+    from .chat import generation_settings
     from .ui import ServeOptions, exposure_notes, parse_auth, require_gradio, serve
 
     options = ServeOptions(
@@ -675,7 +588,7 @@ def serve_ui_command(
         share=share,
         auth=parse_auth(auth),
         max_upload_mb=max_upload_mb,
-        settings=_generation_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed),
+        settings=generation_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed),
         system=system,
     )
     require_gradio()
@@ -762,10 +675,8 @@ def merge_command(
     raise typer.Exit(result.exit_code)
 
 
-class ModelPreset(str, Enum):
-    tiny = "tiny"
-    tiny_base = "tiny-base"
-    qwen_vl_7b = "qwen-vl-7b"
+# profile presets: every family's
+ModelPreset = Enum("ModelPreset", {name: name for f in FAMILIES.values() for name in f.profile_presets}, type=str)
 
 
 @app.command("profile")

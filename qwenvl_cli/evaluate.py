@@ -24,9 +24,10 @@ from pydantic import BaseModel
 
 from . import __version__
 from .errors import QwenvlError
+from .families import ModelFamily
 from .inference import check_adapter
 from .markup import parse_box_text, scan_markup
-from .schemas import Box, Sample, Severity
+from .schemas import Box, GenerationSettings, Sample, Severity
 
 IOU_THRESHOLD = 0.5
 # questions answered, questions in all
@@ -155,20 +156,19 @@ def evaluate(
     settings=None,
     progress: EvalProgress | None = None,
     *,
-    chat_format: str = "chatml",
-    max_window_size: int = 6144,
+    family: ModelFamily,
+    generation: dict | None = None,
     worst: int = 5,
 ) -> EvalReport:
     """Ask `model` every assistant turn of `samples` and score the answers (greedy decoding, 64 new
     tokens at most, unless `settings` say otherwise). `worst` wrong answers, lowest IoU first, are kept
-    as examples."""
-    from .model.generation import ChatSession, GenerationSettings
-
+    as examples. `family` asks in its own chat session; `generation` is the model's generation config
+    (chat_format, max_window_size)."""
     started = time.perf_counter()
     settings = settings or GenerationSettings(max_new_tokens=64)
     parsed = [s if isinstance(s, Sample) else Sample.model_validate(s) for s in samples]
     plan = [(sample, question) for sample in parsed for question in _questions(sample)]
-    session = ChatSession(model, processor, chat_format=chat_format, max_window_size=max_window_size)
+    session = family.chat_session(model, processor, generation or {})
     results: list[QuestionResult] = []
     for done, (sample, (turn, history, question, reference)) in enumerate(plan, 1):
         session.history = list(history)
@@ -259,8 +259,6 @@ def evaluate_folder(
     runs on the GPU when there is one (bf16 where supported), else on the CPU in fp32.
     """
     from .inference import load_for_inference
-    from .model.generation import GenerationSettings
-    from .model.processor import QwenVLProcessor
 
     model_dir, data_file = Path(model_dir), Path(data_file)
     adapter = Path(adapter_dir) if adapter_dir is not None else None
@@ -275,17 +273,15 @@ def evaluate_folder(
     samples = _read_samples(data_file, limit)
 
     loaded = load_for_inference(model_dir, adapter)
-    model, tokenizer, generation = loaded.model, loaded.tokenizer, loaded.generation
-    image_size = loaded.config.image_size
-    processor = QwenVLProcessor(tokenizer, image_size, image_root=root)
+    processor = loaded.family.processor(loaded.tokenizer, loaded.config, image_root=root)
     report = evaluate(
-        model,
+        loaded.model,
         processor,
         samples,
         GenerationSettings(max_new_tokens=max_new_tokens),
         progress,
-        chat_format=generation.get("chat_format", "chatml"),
-        max_window_size=int(generation.get("max_window_size", 6144)),
+        family=loaded.family,
+        generation=loaded.generation,
     )
     return report.model_copy(
         update={"model": str(model_dir), "adapter": str(adapter) if adapter else None, "data": str(data_file)}

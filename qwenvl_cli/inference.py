@@ -9,17 +9,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import QwenvlError
+from .families import ModelFamily, family_for
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 @dataclass
 class LoadedModel:
-    model: object  # QwenVLForCausalLM, or a peft PeftModel around one
-    tokenizer: object  # QwenVLTokenizer
+    model: object  # the family's model, or a peft PeftModel around one
+    tokenizer: object  # the family's tokenizer
     generation: dict  # generation_config.json (chat_format, max_window_size, …)
     device: str
     dtype: str
+    family: ModelFamily
 
     @property
     def config(self):
@@ -71,9 +73,8 @@ def load_for_inference(model_dir: str | Path, adapter_dir: str | Path | None = N
     """The checkpoint in `model_dir` (with the adapter in `adapter_dir` applied), ready to answer."""
     import torch
 
-    from .model.checkpoint import load_checkpoint, read_generation_config
-
     model_dir = Path(model_dir)
+    family = family_for(model_dir)
     adapter = Path(adapter_dir) if adapter_dir is not None else None
     if adapter is not None:
         check_adapter(adapter)
@@ -81,8 +82,8 @@ def load_for_inference(model_dir: str | Path, adapter_dir: str | Path | None = N
         device, dtype = "cuda", "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     else:
         device, dtype = "cpu", "fp32"
-    model, tokenizer = load_checkpoint(model_dir, dtype=dtype, device=device)
+    model, tokenizer = family.load(model_dir, dtype, device)
     if adapter is not None:
         model = attach_adapter(model, adapter, model_dir)
     model.eval()
-    return LoadedModel(model, tokenizer, read_generation_config(model_dir), device, dtype)
+    return LoadedModel(model, tokenizer, family.generation_config(model_dir), device, dtype, family)

@@ -1,14 +1,16 @@
 """`qwenvl merge`: fold a LoRA adapter into its base model and write a standalone checkpoint.
 
-The output is a checkpoint folder in the official layout, the same as any other model folder:
+The output is a checkpoint folder in the model family's own layout (`ModelFamily.save_model`), the same as
+any other model folder of that family; for Qwen-VL:
 
 ```
 config.json, model.safetensors | model-0000i-of-0000n.safetensors + model.safetensors.index.json,
 qwen.tiktoken, generation_config.json, qwenvl_merge.json (where it came from)
 ```
 Each LoRA-adapted weight becomes `W + scaling · B·A`, summed in fp32 and rounded once to the output
-dtype; the layers trained in full (`modules_to_save`: `wte` and `lm_head` for LoRA on a base model) replace
-the base model's. The keys are the official ones (no `base_model.model.` prefix, no `lora_` tensors).
+dtype; the layers trained in full (`modules_to_save`, e.g. `wte` and `lm_head` for LoRA on a Qwen-VL base
+model) replace the base model's. The keys are the official ones (no `base_model.model.` prefix, no `lora_`
+tensors).
 
 The folder is written beside the target under a temporary name and renamed into place at the end, so an
 interrupted or failed merge (or a failed `--verify`) leaves nothing that looks like a model.
@@ -30,7 +32,9 @@ from pydantic import BaseModel, Field, ValidationError
 
 from . import __version__
 from .errors import QwenvlError
+from .families import ModelFamily, family_for
 from .schemas import RunManifest
+from .sizes import parse_size
 
 RUN_MANIFEST = "qwenvl_run.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -225,18 +229,22 @@ def _base_folder(base: str | Path | None, record: RunRecord | None, adapter_conf
 
 
 def _check_fingerprint(
-    base: Path, base_given: bool, record: RunRecord | None, adapter: Path, force: bool, notes: list[str]
+    family: ModelFamily,
+    base: Path,
+    base_given: bool,
+    record: RunRecord | None,
+    adapter: Path,
+    force: bool,
+    notes: list[str],
 ) -> str:
     """Compare the base with the fingerprint the run recorded: matches, differs (with --force) or unchecked."""
-    from .model.checkpoint import model_fingerprint
-
     if record is None:
         notes.append(f"{adapter} has no {RUN_MANIFEST}: the base model could not be checked against a training run")
         return "unchecked"
-    found = model_fingerprint(base)
+    found = family.fingerprint(base)
     if found == record.base_fingerprint:
         return "matches"
-    compared = "config.json, qwen.tiktoken and the weight files' names and sizes"
+    compared = f"config.json, {', '.join(family.tokenizer_files)} and the weight files' names and sizes"
     if force:
         notes.append(
             f"--force: {base} differs from the base model the adapter was trained on ({compared}); the merge is "
@@ -278,15 +286,12 @@ def _output_folder(output: str | Path | None, adapter: Path, base: Path, force: 
     return target
 
 
-def _generation_config(adapter: Path, base: Path) -> dict:
-    from .model.checkpoint import default_generation_config, read_generation_config
-    from .model.tokenizer import QwenVLTokenizer
-
+def _generation_config(family: ModelFamily, adapter: Path, base: Path) -> dict:
     for folder in (adapter, base):
-        found = read_generation_config(folder)
+        found = family.generation_config(folder)
         if found:
             return found
-    return default_generation_config(QwenVLTokenizer.from_pretrained(base))
+    return family.default_generation_config(family.tokenizer(base))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -336,12 +341,11 @@ def fold_lora(peft_model) -> tuple[Any, int, list[str]]:
 # --verify
 
 
-def verify_prompts(tokenizer, image_size: int) -> list[tuple[str, dict]]:
-    """A text prompt and a picture prompt (a bundled demo picture), in the chat template."""
+def verify_prompts(family: ModelFamily, tokenizer, config) -> list[tuple[str, dict]]:
+    """A text prompt and a picture prompt (a bundled demo picture), in the family's chat template."""
     from .demo import DEMO_DIR
-    from .model.processor import QwenVLProcessor
 
-    processor = QwenVLProcessor(tokenizer, image_size, image_root=DEMO_DIR)
+    processor = family.processor(tokenizer, config, image_root=DEMO_DIR)
     text = processor.encode_prompt([("user", "What colour is the circle? Answer in one word.")])
     image = processor.encode_prompt([("user", "Picture 1: <img>images/shapes_00.png</img>\nWhat is in the picture?")])
     return [("text", text), ("image", image)]
@@ -403,7 +407,7 @@ def merge_adapter(
     on_stage: StageHook | None = None,
 ) -> MergeResult:
     """Merge the LoRA adapter in `adapter_dir` (default: the current directory, a run folder) into its base
-    model and write the result to `output` (default: `<adapter_dir>-merged`) in the official layout.
+    model and write the result to `output` (default: `<adapter_dir>-merged`) in the family's layout.
 
     The base model comes from the run's qwenvl_run.json (or adapter_config.json); `base` overrides it and is
     checked against the recorded fingerprint. `dtype` "auto" keeps the base model's precision. With `verify`
@@ -411,10 +415,6 @@ def merge_adapter(
     logits differ by more than the tolerance nothing is written and `exit_code` is 1. The refusals about
     folders, fingerprints, Q-LoRA and sizes raise QwenvlError before any weights load.
     """
-    from .model.checkpoint import load_checkpoint, parse_size, save_checkpoint
-    from .model.config import QwenVLConfig
-    from .model.tokenizer import VOCAB_FILE
-
     started = time.perf_counter()
     stage = on_stage or (lambda text: None)
     limit = parse_size(max_shard_size)
@@ -434,31 +434,32 @@ def merge_adapter(
         )
     _refuse_qlora(adapter, record, force, notes)
     base_dir = _base_folder(base, record, adapter_config, adapter)
-    config = QwenVLConfig.from_folder(base_dir)
-    if config.quantization_config:
-        method = config.quantization_config.get("quant_method", "4-bit")
+    family = family_for(base_dir)
+    config = family.config(base_dir)
+    method = family.checkpoint_quantisation(config)
+    if method is not None:
         raise QwenvlError(
             f"the base model {base_dir} is a quantised ({method}) checkpoint: the LoRA delta cannot be added to "
             "4-bit weights",
             "Pass the bf16/fp16 model it was quantised from (Qwen-VL-Chat for Qwen-VL-Chat-Int4) with --base DIR "
             "--force, knowing the result is approximate",
         )
-    fingerprint = _check_fingerprint(base_dir, base is not None, record, adapter, force, notes)
+    fingerprint = _check_fingerprint(family, base_dir, base is not None, record, adapter, force, notes)
     target = _output_folder(output, adapter, base_dir, force)
-    declared = config.precision
+    declared = family.declared_precision(config)
     out_dtype = declared if dtype == "auto" else dtype
-    generation = _generation_config(adapter, base_dir)
+    generation = _generation_config(family, adapter, base_dir)
 
     # Weights load in the output dtype when nothing is lost that way; in fp32 for --verify (which runs in
     # fp32) and when the precision changes, so that each merged weight is rounded once.
     load_dtype = out_dtype if (out_dtype == declared and not verify) else "fp32"
     stage(f"loading {base_dir} ({load_dtype})")
-    model, tokenizer = load_checkpoint(base_dir, dtype=load_dtype, device="cpu")
+    model, tokenizer = family.load(base_dir, load_dtype, "cpu")
     peft_model = _attach_adapter(model, adapter, base_dir)
     prompts = reference = None
     if verify:
         stage("running the adapter model on the verification prompts")
-        prompts = verify_prompts(tokenizer, config.image_size)
+        prompts = verify_prompts(family, tokenizer, config)
         reference = prompt_logits(peft_model, prompts)
     stage("merging the adapter into the weights")
     merged, folded, replaced = fold_lora(peft_model)
@@ -466,22 +467,22 @@ def merge_adapter(
     if folded == 0:
         raise QwenvlError(
             f"the adapter in {adapter} adapts none of the model's layers",
-            "Check its target_modules in adapter_config.json against the model (c_attn, attn.c_proj, w1, w2)",
+            f"Check its target_modules in adapter_config.json against the model ({', '.join(family.lora_targets)})",
         )
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.merging-", dir=target.parent))
     try:
         stage(f"writing {out_dtype} shards of at most {max_shard_size}")
-        written = save_checkpoint(
-            merged, staging / "model", base_dir / VOCAB_FILE, generation, max_shard_size=limit, dtype=out_dtype
+        written = family.save_model(
+            merged, staging / "model", base_dir, generation, dtype=out_dtype, max_shard_size=limit
         )
         tensors, shards, total = _inventory(written)
         del merged
         verification = None
         if verify:
             stage("running the merged model on the verification prompts")
-            reloaded, _ = load_checkpoint(written, dtype="fp32", device="cpu")
+            reloaded, _ = family.load(written, "fp32", "cpu")
             verification = compare_logits(reference, prompt_logits(reloaded, prompts), prompts, out_dtype, tolerance)
             del reloaded
         result = MergeResult(
@@ -516,9 +517,9 @@ def merge_adapter(
 
 def _inventory(folder: Path) -> tuple[int, int, int]:
     """(tensors, shards, bytes) of a written checkpoint folder."""
-    from .model.checkpoint import SAFE_INDEX
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
-    index = folder / SAFE_INDEX
+    index = folder / SAFE_WEIGHTS_INDEX_NAME
     if index.is_file():
         data = json.loads(index.read_text("utf-8"))
         return len(data["weight_map"]), len(set(data["weight_map"].values())), int(data["metadata"]["total_size"])

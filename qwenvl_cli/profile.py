@@ -23,14 +23,15 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from . import __version__
 from .errors import QwenvlError
+from .families import FAMILIES, family_for, profile_family
 
 METHODS = ("lora-chat", "lora-base", "qlora", "full")
 DEFAULT_LENGTHS = (384, 512, 1024, 2048)
-MODEL_PRESETS = ("tiny", "tiny-base", "qwen-vl-7b")
+MODEL_PRESETS = tuple(name for family in FAMILIES.values() for name in family.profile_presets)
 # Dense bf16 peak FLOP/s (no sparsity) by device name; other devices get no MFU.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 CellHook = Callable[[str, dict[str, Any]], None]
@@ -38,7 +39,7 @@ CellHook = Callable[[str, dict[str, Any]], None]
 
 class ProfileOptions(BaseModel):
     model: Path | None = None
-    preset: Literal["tiny", "tiny-base", "qwen-vl-7b"] | None = None
+    preset: str | None = None  # one of MODEL_PRESETS
     methods: list[str] = Field(default_factory=lambda: list(METHODS))
     lengths: list[int] = Field(default_factory=lambda: list(DEFAULT_LENGTHS))
     batch_size: int = Field(1, ge=1)
@@ -50,7 +51,19 @@ class ProfileOptions(BaseModel):
     threads: int | None = None  # torch threads per cell (CPU)
     gradient_checkpointing: bool = True  # as the upstream scripts train
     compile: bool = False  # train --compile in every cell
-    vocab: Path | None = None  # qwen-vl-7b: a qwen.tiktoken (default: the tiny vocabulary in 151,936 rows)
+    vocab: Path | None = None  # a device preset's vocabulary file (default: the tiny vocabulary in official rows)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str | None) -> str | None:
+        if value is not None and value not in MODEL_PRESETS:
+            raise ValueError(f"unknown preset {value!r}; use one of {', '.join(MODEL_PRESETS)}")
+        return value
+
+    @property
+    def on_device(self) -> bool:
+        """A preset whose random weights each cell builds on the GPU (nothing written)."""
+        return self.preset is not None and self.preset in profile_family(self.preset).device_presets
 
 
 class ProfileCell(BaseModel):
@@ -162,13 +175,6 @@ def mfu(parameters: int, tokens_per_second: float, device_name: str) -> float | 
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _chat_format(folder: Path) -> str | None:
-    path = folder / "generation_config.json"
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text("utf-8")).get("chat_format")
-
-
 def _gpu() -> bool:
     import torch
 
@@ -181,47 +187,36 @@ def _models(options: ProfileOptions, scratch: Path) -> dict[str, Path | str]:
         raise QwenvlError("--model and --preset both name the model to profile", "Pass one of them")
     if options.model is not None:
         folder = Path(options.model)
-        if not (folder / "config.json").is_file():
-            raise QwenvlError(f"{folder} is not a model folder (no config.json)", "Pass a Qwen-VL checkpoint folder")
-        base = _chat_format(folder) == "raw"
+        family = family_for(folder)
+        base = family.is_base_model(folder)
+        chat_format = family.generation_config(folder).get("chat_format")
         other = (
-            f"{folder} is a {'base' if base else 'chat'} model (generation_config chat_format "
-            f"{_chat_format(folder)!r}); profile it with the "
-            f"{'lora-base' if base else 'lora-chat, qlora or full'} methods"
+            f"{folder} is a {'base' if base else 'chat'} model (generation_config chat_format {chat_format!r}); "
+            f"profile it with the {'lora-base' if base else 'lora-chat, qlora or full'} methods"
         )
         return {"chat": other if base else folder, "base": folder if base else other}
     preset = options.preset or "tiny"
-    if options.vocab is not None and preset != "qwen-vl-7b":
-        raise QwenvlError("--vocab goes with --preset qwen-vl-7b", "Drop --vocab, or profile --preset qwen-vl-7b")
-    if preset == "qwen-vl-7b" and not _gpu():
+    family = profile_family(preset)
+    if options.vocab is not None and not options.on_device:
+        devices = ", ".join(name for f in FAMILIES.values() for name in f.device_presets)
+        raise QwenvlError(f"--vocab goes with --preset {devices}", f"Drop --vocab, or profile --preset {devices}")
+    if options.on_device and not _gpu():
         raise QwenvlError(
-            "--preset qwen-vl-7b needs a GPU: a 7B model trains at seconds per token on a CPU, and its random "
+            f"--preset {preset} needs a GPU: a 7B model trains at seconds per token on a CPU, and its random "
             "weights alone are about 19 GB",
             "Profile on a CUDA machine, or use --preset tiny here",
         )
-    from .model.presets import init_model
-
     needed = {"chat": any(m != "lora-base" for m in options.methods), "base": "lora-base" in options.methods}
-    names = (
-        {"chat": "qwen-vl-7b", "base": "qwen-vl-7b-base"}
-        if preset == "qwen-vl-7b"
-        else {
-            "chat": "tiny",
-            "base": "tiny-base",
-        }
-    )
+    chat, base = family.profile_presets[preset]
+    names = {"chat": chat, "base": base}
     vocab = options.vocab
-    if preset == "qwen-vl-7b" and vocab is None:
-        from .model.presets import tiny_ranks
-        from .model.tokenizer import VOCAB_FILE, write_ranks
-
-        vocab = scratch / VOCAB_FILE
-        write_ranks(tiny_ranks(), vocab)
+    if options.on_device and vocab is None:
+        vocab = family.tiny_vocabulary(scratch / family.tokenizer_files[0])
     folders: dict[str, Path | str] = {}
     for kind, name in names.items():
         if needed[kind]:
-            # qwen-vl-7b: config, vocabulary and generation config only; each cell builds random weights on the GPU
-            init_model(name, scratch / name, seed=0, vocab=vocab)
+            # a device preset: config, vocabulary and generation config only; each cell builds random weights
+            family.init_model(name, scratch / name, seed=0, vocab=vocab)
             folders[kind] = scratch / name
     return folders
 
@@ -279,7 +274,7 @@ def _cell(method: str, length: int, recipe: str, folder: Path | str, options: Pr
         "threads": options.threads,
         "gradient_checkpointing": options.gradient_checkpointing,
         "compile": options.compile,
-        "random_weights": options.preset == "qwen-vl-7b",
+        "random_weights": options.on_device,
     }
     started = time.perf_counter()
     code, out, err = run_worker(spec)
@@ -366,9 +361,9 @@ def _result(options: ProfileOptions, cells: list[ProfileCell], device: str, gpu:
     notes = []
     if not gpu:
         notes.append("CPU: every method trains in fp32 (no bf16/fp16 mixed precision); memory is the peak RSS")
-    if options.preset == "qwen-vl-7b":
+    if options.on_device:
         notes.append(
-            "qwen-vl-7b: the official sizes with random weights built on the GPU in each cell (NF4 for qlora); "
+            f"{options.preset}: the official sizes with random weights built on the GPU in each cell (NF4 for qlora); "
             + ("the official vocabulary" if options.vocab else "the built-in vocabulary in the official 151,936 rows")
         )
     model = str(options.model) if options.model is not None else f"preset {options.preset or 'tiny'}"

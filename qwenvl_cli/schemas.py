@@ -7,6 +7,7 @@ coordinate rule) live here exactly once.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Literal
 
@@ -289,3 +290,22 @@ class RunManifest(BaseModel):
     processes: int = 1
     evaluations: list[dict] = Field(default_factory=list)
     created: str
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation
+
+
+@dataclass
+class GenerationSettings:
+    """Greedy when `temperature` is 0; otherwise sampling with top-k (0: off) and top-p (1: off)."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    use_cache: bool = True
+    suppress_ids: tuple[int, ...] = ()  # never generated (e.g. picture tokens in a chat answer)
+    vocab_limit: int | None = None  # ids from here on (a model's embedding padding) are never generated

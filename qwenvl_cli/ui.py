@@ -26,8 +26,7 @@ from typing import Any, NamedTuple
 
 from .chat import ChatAnswer, Conversation, check_settings
 from .errors import QwenvlError
-from .model.generation import GenerationSettings
-from .model.template import DEFAULT_SYSTEM
+from .schemas import GenerationSettings
 
 log = logging.getLogger("qwenvl.ui")
 
@@ -244,7 +243,7 @@ class ChatPage:
         self.system = system
 
     def new_session(self) -> PageSession:
-        conversation = Conversation(self.loaded, None, self.system or DEFAULT_SYSTEM)
+        conversation = Conversation(self.loaded, None, self.system or None)  # empty: the family default
         return PageSession(conversation, self.picture_dir / uuid.uuid4().hex)
 
     def read_settings(self, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed) -> GenerationSettings:

@@ -113,7 +113,7 @@ def test_model_without_vocab_is_a_clear_error(tmp_path, write_json):
     path = write_json([make_sample()])
     result = invoke("validate-data", str(path), "--model", str(tmp_path))
     assert result.exit_code == 2
-    assert "has no qwen.tiktoken" in result.stderr
+    assert "has no config.json and no qwen.tiktoken" in result.stderr
     assert "Traceback" not in result.output
 
 

@@ -14,10 +14,13 @@ from qwenvl_cli.data.synth import synthesize
 from qwenvl_cli.demo import DEMO_BROKEN
 from qwenvl_cli.errors import QwenvlError
 from qwenvl_cli.evaluate import answer_matches, evaluate, evaluate_folder, extract_boxes, iou, score
+from qwenvl_cli.families import family_named
 from qwenvl_cli.model.presets import init_model, tiny_ranks
 from qwenvl_cli.model.processor import QwenVLProcessor
 from qwenvl_cli.model.tokenizer import QwenVLTokenizer
 from qwenvl_cli.schemas import Box
+
+QWEN_VL = family_named("qwen-vl")
 
 
 def box(x1: int, y1: int, x2: int, y2: int) -> Box:
@@ -184,7 +187,9 @@ def test_evaluate_scores_known_answers(tokenizer, tmp_path):
     model = ScriptedModel(tokenizer, replies)
     processor = QwenVLProcessor(tokenizer, 28, image_root=tmp_path)
     calls = []
-    report = evaluate(model, processor, samples, progress=lambda done, total: calls.append((done, total)))
+    report = evaluate(
+        model, processor, samples, progress=lambda done, total: calls.append((done, total)), family=QWEN_VL
+    )
 
     assert (report.samples, report.questions, report.correct, report.accuracy) == (3, 5, 3, 0.6)
     assert (report.exact_n, report.exact_correct, report.exact_match) == (3, 2, 0.6667)
@@ -204,7 +209,7 @@ def test_evaluate_scores_known_answers(tokenizer, tmp_path):
 
 
 def test_evaluate_with_nothing_to_score(tokenizer):
-    report = evaluate(ScriptedModel(tokenizer, []), QwenVLProcessor(tokenizer, 28), [])
+    report = evaluate(ScriptedModel(tokenizer, []), QwenVLProcessor(tokenizer, 28), [], family=QWEN_VL)
     assert (report.questions, report.accuracy, report.exact_match, report.acc_at_50, report.mean_iou) == (
         0,
         None,

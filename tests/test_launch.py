@@ -14,7 +14,9 @@ from typer.testing import CliRunner
 
 from qwenvl_cli.cli import app
 from qwenvl_cli.errors import QwenvlError
+from qwenvl_cli.families import family_named
 from qwenvl_cli.model.presets import init_model
+from qwenvl_cli.train.engines import fsdp_config
 from qwenvl_cli.train.launch import (
     DEFAULT_MASTER_PORT,
     LaunchPlan,
@@ -25,7 +27,7 @@ from qwenvl_cli.train.launch import (
     strip_launch_flags,
     train_argv,
 )
-from qwenvl_cli.train.runner import TrainOptions, fsdp_config, run_training
+from qwenvl_cli.train.runner import TrainOptions, run_training
 
 
 def _value(command: list[str], flag: str) -> str:
@@ -144,7 +146,9 @@ def test_fsdp_is_refused_without_a_gpu_rather_than_quietly_becoming_ddp(tmp_path
 def test_fsdp_settings_are_accepted_by_the_trainer(tmp_path):
     from transformers import TrainingArguments
 
-    settings = fsdp_config(TrainOptions(engine="fsdp", gradient_checkpointing=True, offload=True))
+    settings = fsdp_config(
+        TrainOptions(engine="fsdp", gradient_checkpointing=True, offload=True), family_named("qwen-vl")
+    )
     arguments = TrainingArguments(output_dir=str(tmp_path), fsdp=True, fsdp_config=settings, use_cpu=True)
     plugin = arguments.fsdp_plugin_args
     assert plugin["fsdp_version"] == 2 and plugin["state_dict_type"] == "FULL_STATE_DICT"

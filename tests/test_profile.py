@@ -270,9 +270,11 @@ def test_random_nf4_model_keeps_frozen_weights_16_bit_under_qlora():
     prepare_model_for_kbit_training would upcast them all to fp32."""
     import torch
 
+    from qwenvl_cli.families import family_named
     from qwenvl_cli.model.presets import build_random, init_model
+    from qwenvl_cli.train.method import apply_method
+    from qwenvl_cli.train.options import TrainOptions
     from qwenvl_cli.train.presets import resolve_rules
-    from qwenvl_cli.train.runner import TrainOptions, _apply_method
 
     with tempfile.TemporaryDirectory() as scratch:
         init_model("tiny", Path(scratch) / "tiny", weights=False)
@@ -281,7 +283,7 @@ def test_random_nf4_model_keeps_frozen_weights_16_bit_under_qlora():
     assert torch.get_default_dtype() == default
     assert sum(type(m).__name__ == "Linear4bit" for m in model.modules()) == 5 * model.config.num_hidden_layers
     rules = resolve_rules("qlora", gpu=True)
-    model = _apply_method(model, TrainOptions(method="qlora"), rules)
+    model = apply_method(model, TrainOptions(method="qlora"), rules, family_named("qwen-vl"))
     trainable = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
     frozen = {p.dtype for name, p in model.named_parameters() if not p.requires_grad and p.is_floating_point()}
     assert trainable and all("lora_" in name for name in trainable)

@@ -173,7 +173,7 @@ def test_rules_resolve_precision():
     assert resolve_rules("qlora", gpu=True).precision == "fp16"
     cpu = resolve_rules("full", "bf16", gpu=False)
     assert cpu.precision == "fp32" and "no GPU" in cpu.notes[0]
-    assert resolve_rules("lora", base_model=True).modules_to_save == ("wte", "lm_head")
+    assert resolve_rules("lora", base_model=True, base_modules=("wte", "lm_head")).modules_to_save == ("wte", "lm_head")
 
 
 def test_method_and_checkpoint_mismatches_are_refused(models, data, tmp_path):
@@ -372,14 +372,15 @@ def test_pack_rows_best_fit_decreasing():
 
 
 def test_packed_rows_number_samples_restart_positions_and_unlabel_each_first_token(models, data):
+    from qwenvl_cli.model.datasets import PackedDataset
     from qwenvl_cli.model.processor import PaddingCollator
-    from qwenvl_cli.model.template import IGNORE_INDEX, ChatTemplate
+    from qwenvl_cli.model.template import IGNORE_INDEX, IMAGE_TOKENS, ChatTemplate
     from qwenvl_cli.model.tokenizer import QwenVLTokenizer
-    from qwenvl_cli.train.data import PackedDataset, prepare_samples
+    from qwenvl_cli.train.data import pack_rows, prepare_samples
 
     template = ChatTemplate(QwenVLTokenizer.from_pretrained(models / "tiny"))
-    samples = prepare_samples(data, template, 2048, data.parent, False).samples
-    dataset = PackedDataset(samples, 2048, 56, data.parent)
+    samples = prepare_samples(data, template, 2048, IMAGE_TOKENS, data.parent, False).samples
+    dataset = PackedDataset(samples, pack_rows([len(s.input_ids) for s in samples], 2048), 56, data.parent)
     assert len(dataset) < len(samples)
     row = max(range(len(dataset)), key=lambda i: len(dataset.rows[i]))
     item = dataset[row]
@@ -554,7 +555,7 @@ def test_base_model_lora_parks_the_frozen_originals_and_training_never_calls_the
     """A base-model LoRA trains copies of wte and lm_head (peft's modules_to_save); on one GPU the frozen
     originals wait in CPU memory. Here the parking is forced on the CPU and every original raises if called:
     training, checkpointing and evaluation finish without touching them."""
-    from qwenvl_cli.train import runner
+    from qwenvl_cli.train import placement
 
     parked = []
 
@@ -572,9 +573,9 @@ def test_base_model_lora_parks_the_frozen_originals_and_training_never_calls_the
     def park_and_guard_elsewhere(model, device):  # "meta": a device that nothing can compute on or copy from
         return park_and_guard(model, "meta")
 
-    park = runner.park_frozen_originals
-    monkeypatch.setattr(runner, "_one_cuda_process", lambda options: True)
-    monkeypatch.setattr(runner, "park_frozen_originals", park_and_guard_elsewhere)
+    park = placement.park_frozen_originals
+    monkeypatch.setattr(placement, "one_cuda_process", lambda options: True)
+    monkeypatch.setattr(placement, "park_frozen_originals", park_and_guard_elsewhere)
     result = run_training(
         options(models, data, tmp_path / "run", model=models / "tiny-base", max_steps=2, save_steps=1,
                 eval_data=data, eval_every=2, eval_samples=2)
@@ -590,7 +591,7 @@ def test_lora_on_a_chat_model_looks_embeddings_up_in_host_memory_with_the_same_t
     """On one GPU the frozen wte of LoRA and Q-LoRA waits in CPU memory; each forward pass looks its rows up
     there and sends them on (here forced on the CPU, where both moves stay on the CPU). Training, checkpoints
     and evaluation by generation go through the hooks, and the losses equal a run without them."""
-    from qwenvl_cli.train import runner
+    from qwenvl_cli.train import placement
 
     installed = []
 
@@ -599,11 +600,11 @@ def test_lora_on_a_chat_model_looks_embeddings_up_in_host_memory_with_the_same_t
         model.get_input_embeddings().register_forward_hook(lambda module, args, out: calls(out.device))
         return embeddings(model, device)
 
-    embeddings = runner.embeddings_in_host_memory
+    embeddings = placement.embeddings_in_host_memory
     settings = {"max_steps": 2, "save_steps": 1, "eval_data": data, "eval_every": 2, "eval_samples": 2}
     plain = run_training(options(models, data, tmp_path / "plain", **settings))
-    monkeypatch.setattr(runner, "_one_cuda_process", lambda options: True)
-    monkeypatch.setattr(runner, "embeddings_in_host_memory", install_and_count)
+    monkeypatch.setattr(placement, "one_cuda_process", lambda options: True)
+    monkeypatch.setattr(placement, "embeddings_in_host_memory", install_and_count)
     hosted = run_training(options(models, data, tmp_path / "hosted", **settings))
     assert any("looked up in CPU memory" in note for note in hosted.notes)
     assert not any("looked up in CPU memory" in note for note in plain.notes)
@@ -614,7 +615,7 @@ def test_lora_on_a_chat_model_looks_embeddings_up_in_host_memory_with_the_same_t
 
 
 def test_embeddings_in_host_memory_moves_only_frozen_tables_and_keeps_inputs_requiring_grad(models):
-    from qwenvl_cli.train.runner import embeddings_in_host_memory
+    from qwenvl_cli.train.placement import embeddings_in_host_memory
 
     model, _ = load_checkpoint(models / "tiny")
     ids = torch.tensor([[5, 6, 7]])
@@ -635,7 +636,7 @@ def test_embeddings_in_host_memory_moves_only_frozen_tables_and_keeps_inputs_req
 def test_park_frozen_originals_counts_what_it_moves(models):
     from peft import LoraConfig, get_peft_model
 
-    from qwenvl_cli.train.runner import park_frozen_originals
+    from qwenvl_cli.train.placement import park_frozen_originals
 
     model, _ = load_checkpoint(models / "tiny-base")
     size = model.transformer.wte.weight.numel() + model.lm_head.weight.numel()

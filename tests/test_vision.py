@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from qwenvl_cli.errors import QwenvlError
-from qwenvl_cli.model.image import IMAGE_MEAN, IMAGE_STD, load_image, preprocess_image, preprocess_images
+from qwenvl_cli.images import load_image
+from qwenvl_cli.model.image import IMAGE_MEAN, IMAGE_STD, preprocess_image, preprocess_images
 from qwenvl_cli.model.vision import VisionTransformer, resize_pos_table, sincos_table
 
 TINY = dict(image_size=28, patch_size=14, width=64, layers=2, heads=4, mlp_ratio=2.0, output_dim=128)

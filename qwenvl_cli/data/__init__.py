@@ -1,0 +1,1 @@
+"""`qwenvl validate-data` and `qwenvl data synth`: reading data files, every check, the report, synthetic data."""

@@ -1,5 +1,6 @@
-"""Token-length check: the sample as training will see it (ChatML template, 258 tokens per picture),
-against `--max-length`, and the length distribution of the whole file."""
+"""Token-length check: the sample as training will see it (the model family's template and picture tokens;
+for Qwen-VL ChatML and 258 tokens per picture), against `--max-length`, and the length distribution of the
+whole file."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ from array import array
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..model.template import IMAGE_TOKENS, ChatTemplate
-from ..model.tokenizer import QwenVLTokenizer
+from ..families import family_for
 from ..schemas import HistogramBin, LengthStats
 
 # (code, message)
@@ -19,7 +19,9 @@ EmitLength = Callable[[str, str], None]
 class LengthChecker:
     def __init__(self, model_dir: str | Path, max_length: int):
         self.model_dir = Path(model_dir)
-        self.template = ChatTemplate(QwenVLTokenizer.from_pretrained(model_dir))
+        family = family_for(self.model_dir)
+        self.template = family.template(family.tokenizer(self.model_dir))
+        self.picture_tokens = family.picture_tokens()
         self.max_length = max_length
         self.lengths = array("l")
 
@@ -32,12 +34,10 @@ class LengthChecker:
             return
         over = f"{length} tokens > --max-length {limit}"
         for start in encoded.image_starts:
-            if start < limit < start + IMAGE_TOKENS:
+            if start < limit < start + self.picture_tokens:
                 picture = encoded.image_starts.index(start) + 1
-                emit(
-                    "L501",
-                    f"{over}: the cut falls inside picture {picture} (tokens {start}–{start + IMAGE_TOKENS - 1})",
-                )
+                last = start + self.picture_tokens - 1
+                emit("L501", f"{over}: the cut falls inside picture {picture} (tokens {start}–{last})")
                 return
         if encoded.first_target is None or encoded.first_target >= limit:
             emit("L502", f"{over}: no token of the assistant's answers is left after truncation")

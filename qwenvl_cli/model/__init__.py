@@ -1,1 +1,2 @@
-"""Native Qwen-VL: tokenizer and chat template (model, vision and checkpoint I/O come later)."""
+"""Native Qwen-VL (v1): config, language model, vision tower and resampler, tokenizer, template, processor,
+datasets, generation, checkpoint I/O and quantisation. Commands reach it through `qwenvl_cli.families`."""

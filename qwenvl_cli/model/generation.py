@@ -12,24 +12,10 @@ from dataclasses import dataclass, field, replace
 import torch
 from transformers import DynamicCache
 
+from ..schemas import GenerationSettings
 from .processor import QwenVLProcessor
 from .template import encode_prompt
 from .tokenizer import BOX_END, BOX_START, IM_END, IM_START, QUAD_END, QUAD_START, REF_END, REF_START
-
-
-@dataclass
-class GenerationSettings:
-    """Greedy when `temperature` is 0; otherwise sampling with top-k (0: off) and top-p (1: off)."""
-
-    max_new_tokens: int = 512
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    use_cache: bool = True
-    suppress_ids: tuple[int, ...] = ()  # never generated (e.g. picture tokens in a chat answer)
-    vocab_limit: int | None = None  # ids from here on (a model's embedding padding) are never generated
 
 
 def _next_token(

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
+from ..images import load_image
 from ..schemas import Sample
-from .image import load_image, preprocess_images
+from .image import preprocess_images
 from .template import DEFAULT_SYSTEM, IGNORE_INDEX, ChatTemplate, EncodedConversation, encode_prompt
 from .tokenizer import QwenVLTokenizer
 

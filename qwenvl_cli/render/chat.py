@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ..chat import ChatAnswer, Conversation
 from ..errors import QwenvlError
-from ..model.generation import GenerationSettings
+from ..schemas import GenerationSettings
 
 HELP = """commands:
   /image PATH|URL   attach a picture to your next message (several: repeat)

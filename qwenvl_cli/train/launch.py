@@ -21,7 +21,7 @@ import shlex
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import QwenvlError
@@ -190,7 +190,7 @@ def train_argv(options, known: set[str] | frozenset[str]) -> list[str]:
     """`qwenvl train`'s flags for resolved TrainOptions: the model, data and run folder always, every other
     option where it differs from the default (flags of `known` option names only; never --dry-run). What
     the launched processes get, and what --dry-run shows: the values a YAML --config set are spelled out."""
-    from .runner import TrainOptions
+    from .options import TrainOptions
 
     defaults = TrainOptions()
     args: list[str] = []
@@ -232,3 +232,45 @@ def relaunch(plan: LaunchPlan, args: list[str]) -> int:
         return subprocess.call(command, env=env)
     except KeyboardInterrupt:
         return 130
+
+
+def plan_run(options, given: set[str], plan: LaunchPlan):
+    """Settle a `qwenvl train` call before anything runs: the built-in demo's settings when neither --model nor
+    --data was given (under the options in `given`), the plan checked and the defaults (model, data, run
+    folder) resolved once, so that the plan, the launched processes and the run agree. Returns (options,
+    what to announce about the built-in demo or None); inside launched processes the options arrive resolved already."""
+    from .defaults import demo_options, resolve_defaults
+
+    announcement = None
+    if options.model is None and options.data is None:
+        options = demo_options(options, given)
+        announcement = (
+            f"{options.method} fine-tuning of the tiny model on synthetic colour questions "
+            f"({options.data}), {options.max_steps} steps of {options.batch_size}, held-out pictures asked every "
+            f"{options.eval_every} steps. Pass --model and --data to train your own."
+        )
+    if is_launched():
+        return options, None
+    check_plan(plan, output_given=options.output is not None)
+    return resolve_defaults(options), announcement
+
+
+def process_group_plan(options, plan: LaunchPlan) -> LaunchPlan | None:
+    """The plan to relaunch with, or None to train in this process: a plan of several processes, and FSDP on
+    one GPU (FSDP runs in a process group, even of one)."""
+    if is_launched():
+        return None
+    if plan.needed:
+        return plan
+    if options.engine == "fsdp":
+        import torch
+
+        if torch.cuda.is_available():
+            return replace(plan, gpus=True)
+    return None
+
+
+def planned_command(plan: LaunchPlan, options, known: set[str]) -> str:
+    """What `qwenvl train` will run: itself, or the launcher that starts it in every process."""
+    args = train_argv(options, known)
+    return shown(launch_command(plan, args) if plan.needed else ["qwenvl", "train", *args])

@@ -38,10 +38,10 @@ def make_data(folder: Path, model_dir: Path, lengths: list[int], seed: int) -> l
     """Write data.json with one sample per length (exact, under the model's template); returns the lengths."""
     from PIL import Image, ImageDraw
 
-    from qwenvl_cli.model.template import ChatTemplate
-    from qwenvl_cli.model.tokenizer import QwenVLTokenizer
+    from qwenvl_cli.families import family_for
 
-    template = ChatTemplate(QwenVLTokenizer.from_pretrained(model_dir))
+    family = family_for(model_dir)
+    template = family.template(family.tokenizer(model_dir))
     rng = random.Random(seed)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     samples, made = [], []

@@ -1,7 +1,10 @@
-"""The one table of method rules (full, LoRA, Q-LoRA), checked before anything is loaded."""
+"""The one table of method rules (full, LoRA, Q-LoRA), checked before anything is loaded. What a rule means
+for one model (which modules LoRA targets, what a base model's LoRA also trains) is the family's
+(`qwenvl_cli.families`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel
@@ -11,9 +14,6 @@ from ..errors import QwenvlError
 Method = Literal["full", "lora", "qlora"]
 Precision = Literal["bf16", "fp16", "fp32"]
 Engine = Literal["ddp", "deepspeed", "fsdp"]
-
-LORA_TARGETS = ("c_attn", "attn.c_proj", "w1", "w2")
-BASE_MODEL_MODULES_TO_SAVE = ("wte", "lm_head")
 
 
 class MethodPreset(BaseModel):
@@ -32,7 +32,7 @@ class MethodPreset(BaseModel):
 PRESETS: dict[str, MethodPreset] = {
     "full": MethodPreset(
         method="full",
-        summary="all LM weights and the resampler (attn_pool); the ViT stays frozen unless --train-vit",
+        summary="the language model and the vision-language adapter; the vision tower stays frozen unless --train-vit",
         gpu_precision="bf16",
         precisions=("bf16", "fp16", "fp32"),
         lora=False,
@@ -43,7 +43,7 @@ PRESETS: dict[str, MethodPreset] = {
     ),
     "lora": MethodPreset(
         method="lora",
-        summary="LoRA on c_attn, attn.c_proj, w1, w2; on a base model also wte and lm_head in full",
+        summary="LoRA on the language model's projections; on a base model also its embeddings and output layer",
         gpu_precision="bf16",
         precisions=("bf16", "fp16", "fp32"),
         lora=True,
@@ -85,10 +85,12 @@ def resolve_rules(
     engine: str = "ddp",
     zero: int | None = None,
     base_model: bool = False,
+    base_modules: Sequence[str] = (),
     train_vit: bool = False,
     gpu: bool = False,
 ) -> ResolvedRules:
-    """Apply the table: the precision to use, what LoRA also trains, and refusals with their reasons."""
+    """Apply the table: the precision to use, what LoRA also trains (on a base model: `base_modules`, the
+    family's), and refusals with their reasons."""
     if method not in PRESETS:
         raise QwenvlError(f"unknown method {method!r}", "Use --method full, lora or qlora")
     preset = PRESETS[method]
@@ -120,8 +122,10 @@ def resolve_rules(
                 "wte and lm_head would have to train, and the 4-bit model's layers cannot",
                 "Train Q-LoRA on a chat model (e.g. Qwen-VL-Chat-Int4), or use --method lora on the base model",
             )
-        modules_to_save = BASE_MODEL_MODULES_TO_SAVE
-        notes.append("base model (chat_format raw): wte and lm_head train in full beside the LoRA adapters")
+        modules_to_save = tuple(base_modules)
+        notes.append(
+            f"base model (chat_format raw): {' and '.join(modules_to_save)} train in full beside the LoRA adapters"
+        )
     if not gpu:
         if wanted != "fp32":
             notes.append(f"no GPU: running in fp32 (the {wanted} rule was checked and holds on a GPU)")

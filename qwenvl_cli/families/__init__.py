@@ -1,0 +1,78 @@
+"""Model families: `family_for(folder)` gives the `ModelFamily` that reads, trains and writes a checkpoint
+folder, recognised by its config.json `model_type`. Qwen-VL (v1) is the first; each later generation is one
+more module here and one more entry in `FAMILIES`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import QwenvlError
+from .base import ModelFamily
+from .qwen_vl import QwenVLFamily
+
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (QwenVLFamily(),)}
+
+
+def family_named(name: str) -> ModelFamily:
+    if name not in FAMILIES:
+        raise QwenvlError(f"unknown model family {name!r}", f"Use one of: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_of_preset(preset: str) -> ModelFamily:
+    """The family whose `init-model` preset this is."""
+    for family in FAMILIES.values():
+        if preset in family.presets:
+            return family
+    known = ", ".join(name for family in FAMILIES.values() for name in family.presets)
+    raise QwenvlError(f"unknown preset {preset!r}", f"Use one of: {known}")
+
+
+def profile_family(preset: str) -> ModelFamily:
+    """The family whose `qwenvl profile --preset` this is."""
+    for family in FAMILIES.values():
+        if preset in family.profile_presets:
+            return family
+    known = ", ".join(name for family in FAMILIES.values() for name in family.profile_presets)
+    raise QwenvlError(f"unknown profile preset {preset!r}", f"Use one of: {known}")
+
+
+def family_for(folder: str | Path) -> ModelFamily:
+    """The family of the checkpoint in `folder`, from config.json's `model_type` (a folder with only a
+    tokenizer: from its tokenizer files)."""
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        for family in FAMILIES.values():  # a tokenizer-only folder (validate-data --model needs no weights)
+            if folder.is_dir() and any((folder / name).is_file() for name in family.tokenizer_files):
+                return family
+        tokenizers = " or ".join(name for family in FAMILIES.values() for name in family.tokenizer_files)
+        if not folder.exists():
+            raise QwenvlError(
+                f"model folder {folder} does not exist",
+                "Pass the folder of a checkpoint, or make one with qwenvl init-model",
+            )
+        raise QwenvlError(
+            f"{folder} has no config.json and no {tokenizers}, so it is not a model folder",
+            "Pass the folder of a checkpoint (it holds config.json, the tokenizer files and the weights), "
+            "or make one with qwenvl init-model",
+        )
+    try:
+        model_type = json.loads(config_file.read_text("utf-8")).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise QwenvlError(
+            f"{config_file} is not a JSON object ({exc.__class__.__name__})",
+            "Restore config.json from the model's original files",
+        ) from None
+    for family in FAMILIES.values():
+        if model_type in family.model_types:
+            return family
+    supported = ", ".join(f"{t!r} ({family.title})" for family in FAMILIES.values() for t in family.model_types)
+    raise QwenvlError(
+        f"{folder} holds a model of type {model_type!r}, which qwenvl does not train or load",
+        f"Use a checkpoint of a supported family: model_type {supported}",
+    )
+
+
+__all__ = ["FAMILIES", "ModelFamily", "family_for", "family_named", "family_of_preset", "profile_family"]

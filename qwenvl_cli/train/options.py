@@ -1,0 +1,87 @@
+"""What `qwenvl train` takes and returns: `TrainOptions`, `TrainResult` and the event hook's type."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+EventHook = Callable[[str, dict[str, Any]], None]
+
+
+class TrainOptions(BaseModel):
+    method: Literal["full", "lora", "qlora"] = "lora"
+    model: Path | None = None  # default: the built-in tiny model
+    data: Path | None = None  # default: the bundled demo data
+    output: Path | None = None  # default: runs/<method>-<date>-<time>
+    image_root: Path | None = None
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    quant: Literal["gptq", "nf4"] | None = None
+    max_length: int = Field(2048, ge=16)
+    batch_size: int = Field(1, ge=1)
+    grad_accum: int = Field(8, ge=1)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1
+    lr: float | None = None
+    weight_decay: float = 0.1
+    warmup_steps: int = 0
+    lr_scheduler: str = "cosine"
+    lora_r: int = Field(64, ge=1)
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: list[str] | None = None  # default: the model family's (ModelFamily.lora_targets)
+    train_vit: bool = False
+    gradient_checkpointing: bool = False
+    # torch.compile each LM and ViT block (regional compilation): fewer, fused kernels per step
+    compile: bool = False
+    packing: bool = False  # several samples per row of --max-length tokens, each in its own attention span
+    # upstream: finetune.py's way, for comparisons: every sample padded to --max-length, eager attention,
+    # logits of every position
+    recipe: Literal["qwenvl", "upstream"] = "qwenvl"
+    resume: str | None = None  # "auto" or a checkpoint folder
+    seed: int = 42
+    save_steps: int = 100
+    save_total_limit: int = 3
+    skip_invalid: bool = False
+    workers: int = 0
+    eval_data: Path | None = None
+    eval_every: int = Field(100, ge=1)  # optimizer steps between evaluations
+    eval_samples: int = Field(32, ge=1)  # samples of --eval-data asked by generation (all are in the loss)
+    report_to: Literal["none", "tensorboard"] = "none"  # tensorboard: event files in <output>/tensorboard
+    engine: Literal["ddp", "deepspeed", "fsdp"] = "ddp"
+    zero: Literal[2, 3] = 2
+    offload: bool = False
+    dry_run: bool = False
+    # profile only: random weights built on the device from config.json (no weight files are read)
+    random_weights: bool = False
+
+
+class TrainResult(BaseModel):
+    output: str
+    model: str = ""
+    data: str = ""
+    method: str
+    precision: str
+    engine: str = "ddp"
+    notes: list[str]
+    samples: int
+    dropped_samples: int
+    skipped_invalid: int
+    trainable_parameters: int
+    total_parameters: int
+    global_step: int = 0
+    final_loss: float | None = None
+    seconds: float = 0.0
+    train_seconds: float = 0.0  # wall time of the training loop (data loading included, model loading not)
+    samples_seen: int = 0
+    samples_per_second: float | None = None
+    tokens_per_second: float | None = None  # real tokens per second of forward + backward + step
+    padding_share: float | None = None  # share of computed positions that were padding
+    resumed_from: str | None = None
+    dry_run: bool = False
+    loss_curve: str | None = None
+    weights_gib: float = 0.0  # weights + gradients + AdamW states, activations not included
+    processes: int = 1
+    evaluations: list[dict] = Field(default_factory=list)  # step, eval_loss, accuracy, acc_at_50

@@ -1,0 +1,133 @@
+"""The layout of docs/architecture.md, checked: who may import whom, no import cycle, nothing model-specific
+outside the model families. Every `import` counts, those inside functions too."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "qwenvl_cli"
+
+# Layers, lowest first: a module may import its own layer and the layers below, never one above.
+BASE = {"errors", "schemas", "markup", "sizes", "images", "charts", "demo", "__init__"}
+LAYERS = [
+    ("base", lambda m: m.split(".")[0] in BASE),
+    ("model", lambda m: m.startswith("model")),
+    ("families", lambda m: m.startswith("families")),
+    ("data", lambda m: m.startswith("data")),
+    ("services", lambda m: m.split(".")[0] in SERVICES or m.startswith("train")),
+    ("render", lambda m: m.startswith("render")),
+    ("cli", lambda m: m in ("cli", "__main__")),
+]
+SERVICES = {"inference", "evaluate", "chat", "merge", "profile", "profile_worker", "ui"}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def imports(path: Path) -> set[str]:
+    """The qwenvl_cli modules `path` imports (relative and absolute), as names inside the package."""
+    here = module_name(path).split(".")
+    package = here if path.name == "__init__.py" else here[:-1]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                target = [*base, *(node.module.split(".") if node.module else [])]
+            elif node.module and node.module.split(".")[0] == "qwenvl_cli":
+                target = node.module.split(".")[1:]
+            else:
+                continue
+            for alias in node.names:  # `from . import quiet_import` or `from .train import runner`
+                candidate = [*target, alias.name]
+                if resolve(candidate):
+                    found.add(resolve(candidate))
+                elif resolve(target):
+                    found.add(resolve(target))
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "qwenvl_cli" and resolve(alias.name.split(".")[1:]):
+                    found.add(resolve(alias.name.split(".")[1:]))
+    found.discard(module_name(path))
+    return found
+
+
+def resolve(parts: list[str]) -> str | None:
+    if not parts:
+        return "__init__"
+    path = PACKAGE.joinpath(*parts)
+    if path.with_suffix(".py").is_file() or (path / "__init__.py").is_file():
+        return ".".join(parts)
+    return None
+
+
+def layer(module: str) -> int:
+    for index, (_, member) in enumerate(LAYERS):
+        if member(module):
+            return index
+    raise AssertionError(f"qwenvl_cli.{module} is in no layer of docs/architecture.md: add it there and here")
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    return {module_name(path): imports(path) for path in PACKAGE.rglob("*.py")}
+
+
+def test_every_module_has_a_layer_and_imports_no_layer_above_its_own(graph):
+    upward = [
+        f"{module} ({LAYERS[layer(module)][0]}) imports {target} ({LAYERS[layer(target)][0]})"
+        for module, targets in graph.items()
+        for target in targets
+        if layer(target) > layer(module)
+    ]
+    assert upward == []
+
+
+def test_only_the_families_reach_into_a_model_implementation(graph):
+    """Train, merge, chat, eval, profile, the UI and the data checks get everything model-specific through
+    `qwenvl_cli.families`, never from `qwenvl_cli.model` (Qwen-VL v1's native implementation)."""
+    reaching = sorted(
+        f"{module} imports {target}"
+        for module, targets in graph.items()
+        if not module.startswith(("model", "families"))
+        for target in targets
+        if target.startswith("model")
+    )
+    assert reaching == []
+
+
+def test_there_is_no_import_cycle(graph):
+    """Between modules of different packages (a package's modules may share helpers both ways only inside
+    it is not allowed either): a depth-first search finds no back edge."""
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(module: str, trail: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == 1:
+                cycles.append([*trail[trail.index(target) :], target] if target in trail else [module, target])
+            elif target not in state:
+                visit(target, [*trail, target])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == []
+
+
+def test_the_checker_sees_relative_lazy_and_absolute_imports(tmp_path):
+    """The import reader itself: a lazy relative import inside a function and an absolute one both count."""
+    probe = PACKAGE / "train" / "runner.py"
+    found = imports(probe)
+    assert {"families", "train.trainer", "train.options"} <= found
+    worker = imports(PACKAGE / "profile_worker.py")  # absolute `from qwenvl_cli.train.runner import …` in a function
+    assert "train.runner" in worker
