@@ -145,7 +145,7 @@ def test_lora_learns_a_new_answer_form_and_keeps_reading_the_picture(full_run, c
         model=base,
         data=data / "train.json",
         output=tmp_path / "adapter",
-        max_steps=150,
+        max_steps=250,
         batch_size=8,
         grad_accum=1,
         lr=5e-3,
