@@ -311,11 +311,6 @@ class EngineChoice(str, Enum):
     fsdp = "fsdp"
 
 
-class ReportTo(str, Enum):
-    none = "none"
-    tensorboard = "tensorboard"
-
-
 class QuantChoice(str, Enum):
     gptq = "gptq"
     nf4 = "nf4"
@@ -378,8 +373,13 @@ def train_command(
     eval_every: Annotated[int, typer.Option(help="Optimizer steps between evaluations.", min=1)] = 100,
     eval_samples: Annotated[int, typer.Option(help="Samples of --eval-data asked by generation.", min=1)] = 32,
     report_to: Annotated[
-        ReportTo, typer.Option(help="tensorboard: write event files to <output>/tensorboard.")
-    ] = ReportTo.none,
+        str,
+        typer.Option(
+            help="Experiment trackers, comma-separated: tensorboard (<output>/tensorboard), wandb (offline in "
+            "<output>/wandb unless WANDB_MODE is set), mlflow (<output>/mlruns unless MLFLOW_TRACKING_URI is set); "
+            "each is told the run's qwenvl settings."
+        ),
+    ] = "none",
     config: Annotated[
         Path | None, typer.Option(help="YAML file with any of these options (flags given here win).")
     ] = None,

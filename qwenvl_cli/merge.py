@@ -89,6 +89,10 @@ class MergeResult(BaseModel):
         description="the base against the fingerprint in qwenvl_run.json: differs only with --force"
     )
     notes: list[str] = Field(default_factory=list)
+    consumers: dict[str, str | None] = Field(
+        default_factory=dict, description="program → None where the output loads in it, else what it lacks"
+    )
+    carried: list[str] = Field(default_factory=list, description="files copied over from the base model folder")
     verification: Verification | None = None
     elapsed_s: float
     exit_code: int = Field(0, description="0 written, 1 --verify found a difference above the tolerance")
@@ -506,6 +510,8 @@ def merge_adapter(
             exit_code=0 if verification is None or verification.passed else 1,
         )
         if result.written:
+            result.consumers = family.consumers(written)
+            result.carried = sorted(path.name for path in family.carried_files(base_dir))
             _write_provenance(written, result, record)
             result.files = sorted(p.name for p in written.iterdir())
             _publish(written, target, staging)
@@ -556,6 +562,8 @@ def _write_provenance(folder: Path, result: MergeResult, record: RunRecord | Non
         "lora_layers": result.lora_layers,
         "modules_to_save": result.modules_to_save,
         "notes": result.notes,
+        "consumers": {name: "loads" if lack is None else lack for name, lack in result.consumers.items()},
+        "carried_from_base": result.carried,
         "verification": result.verification.model_dump() if result.verification else None,
     }
     (folder / MERGE_MANIFEST).write_text(json.dumps(record, indent=2) + "\n", "utf-8")

@@ -357,3 +357,83 @@ def test_a_failure_while_writing_leaves_nothing_that_looks_complete(runs, tmp_pa
         merge_adapter(runs / "chat", old, max_shard_size="300KB", force=True)
     assert [p.name for p in old.iterdir()] == ["config.json"]  # the folder it would replace is untouched
     assert [p.name for p in tmp_path.iterdir()] == ["old"]  # no temporary folder left behind
+
+
+# --------------------------------------------------------------------------------------------------
+# What a merge carries over from the base folder (issue: outputs that load where users take them)
+
+
+def official_layout(models, folder: Path) -> Path:
+    """The tiny chat model dressed as a downloaded official folder: remote-code files (stand-ins written here,
+    not the upstream code), tokenizer_config.json with its auto_map, a font, README and licence, config.json's
+    auto_map and a field the native config does not model."""
+    shutil.copytree(models / "tiny", folder)
+    for name in ("configuration_qwen.py", "modeling_qwen.py", "visual.py", "tokenization_qwen.py"):
+        (folder / name).write_text(f"# stand-in for the official {name}\n", "utf-8")
+    (folder / "qwen_generation_utils.py").write_text("# stand-in\n", "utf-8")
+    tokenizer_config = {
+        "auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]},
+        "model_max_length": 8192,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config), "utf-8")
+    (folder / "SimSun.ttf").write_bytes(b"\x00\x01font")
+    (folder / "README.md").write_text("# Qwen-VL-Chat\n", "utf-8")
+    (folder / "LICENSE").write_text("licence text\n", "utf-8")
+    (folder / ".gitattributes").write_text("*.bin filter=lfs\n", "utf-8")
+    config = json.loads((folder / "config.json").read_text("utf-8"))
+    config["auto_map"] = {
+        "AutoConfig": "configuration_qwen.QWenConfig",
+        "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel",
+    }
+    config["use_flash_attn"] = "auto"
+    (folder / "config.json").write_text(json.dumps(config), "utf-8")
+    return folder
+
+
+def test_a_merge_carries_the_base_folders_files_and_keeps_auto_map(models, runs, tmp_path):
+    base = official_layout(models, tmp_path / "Qwen-VL-Chat")
+    result = merge_adapter(runs / "chat", tmp_path / "merged", base=base, force=True, dtype="bf16")
+    out = Path(result.output)
+    for name in ("configuration_qwen.py", "modeling_qwen.py", "visual.py", "tokenization_qwen.py",
+                 "qwen_generation_utils.py", "tokenizer_config.json", "SimSun.ttf", "README.md", "LICENSE",
+                 "qwen.tiktoken"):  # fmt: skip
+        assert (out / name).read_bytes() == (base / name).read_bytes(), name
+    assert not (out / ".gitattributes").exists()
+    config = json.loads((out / "config.json").read_text("utf-8"))
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_qwen.QWenLMHeadModel"
+    assert config["architectures"] == ["QWenLMHeadModel"] and config["model_type"] == "qwen"
+    assert config["use_flash_attn"] == "auto"  # a field the native config does not model, kept
+    assert (config["bf16"], config["fp16"], config["fp32"], config["torch_dtype"]) == (True, False, False, "bfloat16")
+    with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
+        assert handle.get_tensor("lm_head.weight").dtype == torch.bfloat16
+    assert all(lack is None for lack in result.consumers.values()), result.consumers
+    assert "SimSun.ttf" in result.carried and "modeling_qwen.py" in result.carried
+    record = json.loads((out / "qwenvl_merge.json").read_text("utf-8"))
+    assert set(record["consumers"].values()) == {"loads"} and "tokenizer_config.json" in record["carried_from_base"]
+
+
+def test_a_merge_onto_a_folder_without_remote_code_says_which_programs_it_serves(merged, tmp_path):
+    consumers = merged["chat"].consumers
+    assert consumers["qwenvl (chat, eval, serve-ui, merge --verify, load_checkpoint)"] is None
+    remote = next(lack for name, lack in consumers.items() if "trust_remote_code" in name)
+    assert "auto_map" in remote and "tokenizer_config.json" in remote
+    assert any(name.startswith("vLLM") and lack for name, lack in consumers.items())
+    record = json.loads((Path(merged["chat"].output) / "qwenvl_merge.json").read_text("utf-8"))
+    assert record["consumers"]["qwenvl (chat, eval, serve-ui, merge --verify, load_checkpoint)"] == "loads"
+
+
+def test_the_printed_summary_names_what_the_output_lacks(runs, tmp_path):
+    result = invoke(runs / "chat", "--output", tmp_path / "m")
+    assert result.exit_code == 0, result.output
+    assert "the merged model loads in" in result.output
+    assert "✗ transformers AutoModelForCausalLM with trust_remote_code=True" in result.output
+    assert "merge onto the downloaded official folder" in result.output
+
+
+def test_run_folders_name_their_base_for_peft(runs, models):
+    """adapter_config.json's base_model_name_or_path is the base folder, absolute: PEFT's
+    AutoPeftModelForCausalLM finds the base from the run folder alone."""
+    for name, model in (("chat", "tiny"), ("base", "tiny-base")):
+        adapter_config = json.loads((runs / name / "adapter_config.json").read_text("utf-8"))
+        assert adapter_config["base_model_name_or_path"] == str((models / model).resolve())
+    assert set(json.loads((runs / "base" / "adapter_config.json").read_text())["modules_to_save"]) == {"wte", "lm_head"}

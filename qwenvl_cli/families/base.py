@@ -141,7 +141,18 @@ class ModelFamily(ABC):
         max_shard_size: str | int = "2GB",
         force: bool = False,
     ) -> Path:
-        """Write a standalone model in the family's own layout, atomically."""
+        """Write a standalone model in the family's own layout, atomically, with the files of `base` that its
+        consumers need and the model does not change (remote code, tokenizer config, licence, …)."""
+        ...
+
+    @abstractmethod
+    def carried_files(self, base: Path) -> list[Path]:
+        """The files of `base` that `save_model` copies beside the weights unchanged (tokenizer files included)."""
+        ...
+
+    @abstractmethod
+    def consumers(self, folder: Path) -> dict[str, str | None]:
+        """The programs users load a written model with → None where `folder` serves it, else what it lacks."""
         ...
 
     def copy_tokenizer(self, base: Path, folder: Path) -> None:

@@ -78,6 +78,13 @@ class QwenVLFamily(ModelFamily):
         return QwenVLTokenizer.from_pretrained(folder)
 
     def load(self, folder: Path, dtype: str, device: str, quant: str | None = None, random_weights: bool = False):
+        model, tokenizer = self._load(folder, dtype, device, quant, random_weights)
+        # What transformers sets from from_pretrained's argument: PEFT records it in adapter_config.json as
+        # base_model_name_or_path, where AutoPeftModelForCausalLM finds the base again.
+        model.name_or_path = model.config._name_or_path = str(Path(folder).resolve())
+        return model, tokenizer
+
+    def _load(self, folder: Path, dtype: str, device: str, quant: str | None, random_weights: bool):
         import torch
 
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -189,7 +196,37 @@ class QwenVLFamily(ModelFamily):
             dtype=dtype,
             force=force,
             state_dict=state_dict,
+            extra_config=_kept_config(base),
+            carry=_carried(base),
         )
+
+    def carried_files(self, base: Path) -> list[Path]:
+        return sorted([*_carried(base), *(base / name for name in self.tokenizer_files if (base / name).is_file())])
+
+    def consumers(self, folder: Path) -> dict[str, str | None]:
+        config = _read_json(folder / "config.json")
+        auto_map = config.get("auto_map") or {}
+        named = sorted({f"{reference.split('.')[0]}.py" for reference in auto_map.values() if "." in reference})
+        tokenizer_map = _read_json(folder / "tokenizer_config.json").get("auto_map") or {}
+        tokenizer_files = sorted({f"{ref.split('.')[0]}.py" for ref in _flat(tokenizer_map.values()) if "." in ref})
+        lacking = []
+        if not auto_map:
+            lacking.append("config.json has no auto_map")
+        if not (folder / "tokenizer_config.json").is_file():
+            lacking.append("tokenizer_config.json")
+        lacking += [name for name in [*named, *tokenizer_files] if not (folder / name).is_file()]
+        if not named:
+            lacking.append("the remote-code files (configuration_qwen.py, modeling_qwen.py, visual.py, …)")
+        remote = None if not lacking else "lacks " + ", ".join(dict.fromkeys(lacking))
+        architectures = config.get("architectures") or []
+        vllm = remote
+        if "QWenLMHeadModel" not in architectures:
+            vllm = f"config.json's architectures {architectures} do not name QWenLMHeadModel"
+        return {
+            "qwenvl (chat, eval, serve-ui, merge --verify, load_checkpoint)": None,
+            "transformers AutoModelForCausalLM with trust_remote_code=True (the official Qwen-VL code)": remote,
+            "vLLM (QWenLMHeadModel, with --trust-remote-code)": vllm,
+        }
 
     # -- presets ---------------------------------------------------------------------------------------------
     def init_model(self, preset: str, output: Path, **options: Any) -> dict[str, Any]:
@@ -203,3 +240,45 @@ class QwenVLFamily(ModelFamily):
 
         write_ranks(tiny_ranks(), path)
         return path
+
+
+# Files of a base folder that a written model carries over unchanged: what the official remote code, its
+# tokenizer and people need beside the weights. Weights, config.json, generation_config.json and qwen.tiktoken
+# are written anew; run records (qwenvl_*.json, loss.png) and hidden files are not the model's.
+CARRIED_PATTERNS = ("*.py", "tokenizer_config.json", "special_tokens_map.json", "*.ttf", "*.otf", "*.md", "README*")
+CARRIED_PREFIXES = ("license", "licence", "notice")
+# config.json fields the written model sets itself (its precision, its quantisation, the writer's version)
+OWN_CONFIG_FIELDS = ("dtype", "torch_dtype", "bf16", "fp16", "fp32", "quantization_config", "transformers_version")
+
+
+def _carried(base: Path) -> list[Path]:
+    """The top-level files of `base` to copy beside a written model (see CARRIED_PATTERNS)."""
+    if not base.is_dir():
+        return []
+    found = {path for pattern in CARRIED_PATTERNS for path in base.glob(pattern) if path.is_file()}
+    found |= {p for p in base.iterdir() if p.is_file() and p.name.lower().startswith(CARRIED_PREFIXES)}
+    return sorted(path for path in found if not path.name.startswith("."))
+
+
+def _kept_config(base: Path) -> dict[str, Any]:
+    """The base config.json's fields that a written model keeps as they are (`auto_map` and anything else the
+    native config does not model), without the precision and quantisation fields the writer sets."""
+    return {key: value for key, value in _read_json(base / "config.json").items() if key not in OWN_CONFIG_FIELDS}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _flat(values) -> list[str]:
+    """auto_map values may be a string or a [slow, fast] pair (None for a missing fast tokenizer)."""
+    out: list[str] = []
+    for value in values:
+        out += [v for v in value if isinstance(v, str)] if isinstance(value, list | tuple) else [value]
+    return [v for v in out if isinstance(v, str)]

@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -186,8 +186,12 @@ def save_checkpoint(
     dtype: str | torch.dtype | None = None,
     force: bool = False,
     state_dict: dict[str, torch.Tensor] | None = None,
+    extra_config: dict[str, Any] | None = None,
+    carry: Sequence[Path] = (),
 ) -> Path:
-    """Write `model` as an official-layout folder, atomically (a temporary folder renamed into place)."""
+    """Write `model` as an official-layout folder, atomically (a temporary folder renamed into place).
+    `extra_config` adds fields to config.json (a base folder's `auto_map`); `carry` are files copied in as
+    they are (the base folder's remote code, tokenizer config, font, README, licence)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -219,7 +223,9 @@ def save_checkpoint(
             name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[target]
             config.bf16, config.fp16, config.fp32 = name == "bf16", name == "fp16", name == "fp32"
             config.dtype = target
-        (tmp / "config.json").write_text(json.dumps(config.to_official_dict(), indent=2) + "\n", "utf-8")
+        written = config.to_official_dict()
+        written.update({key: value for key, value in (extra_config or {}).items() if key not in written})
+        (tmp / "config.json").write_text(json.dumps(dict(sorted(written.items())), indent=2) + "\n", "utf-8")
         if len(shards) == 1:
             save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
         else:
@@ -231,6 +237,8 @@ def save_checkpoint(
             total = sum(t.numel() * t.element_size() for t in state.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", "utf-8")
+        for path in carry:
+            shutil.copyfile(path, tmp / path.name)
         shutil.copyfile(tokenizer_file, tmp / VOCAB_FILE)
         if generation_config is not None:
             (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n", "utf-8")

@@ -79,5 +79,17 @@ def render_merge(result: MergeResult, console: Console) -> None:
                 "  The adapter was not trained on this base model, or the merge went wrong; nothing was written. "
                 "--tolerance sets another bound."
             )
+    if result.written and result.consumers:
+        loads = Table(title="the merged model loads in", title_justify="left", box=None, padding=(0, 2))
+        loads.add_column()
+        loads.add_column()
+        for program, lack in result.consumers.items():
+            loads.add_row(f"{'[green]✓[/]' if lack is None else '[yellow]✗[/]'} {escape(program)}", escape(lack or ""))
+        console.print(loads)
+        if any(lack is not None for lack in result.consumers.values()):
+            console.print(
+                "  The missing files come from the base model's folder: merge onto the downloaded official "
+                "folder (it ships them) to serve every program."
+            )
     if result.written:
         console.print(f"  next: qwenvl eval --model {escape(result.output)} --data eval.json")

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 EventHook = Callable[[str, dict[str, Any]], None]
 
@@ -49,13 +49,26 @@ class TrainOptions(BaseModel):
     eval_data: Path | None = None
     eval_every: int = Field(100, ge=1)  # optimizer steps between evaluations
     eval_samples: int = Field(32, ge=1)  # samples of --eval-data asked by generation (all are in the loss)
-    report_to: Literal["none", "tensorboard"] = "none"  # tensorboard: event files in <output>/tensorboard
+    # experiment trackers of the Trainer: tensorboard (event files in <output>/tensorboard), wandb (offline in
+    # <output>/wandb unless WANDB_MODE is set), mlflow (<output>/mlruns unless MLFLOW_TRACKING_URI is set)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
     engine: Literal["ddp", "deepspeed", "fsdp"] = "ddp"
     zero: Literal[2, 3] = 2
     offload: bool = False
     dry_run: bool = False
     # profile only: random weights built on the device from config.json (no weight files are read)
     random_weights: bool = False
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, value: Any) -> Any:
+        """ "none", "wandb" and "wandb,tensorboard" as well as a list; each tracker once."""
+        if isinstance(value, str):
+            value = [] if value.strip().lower() in ("", "none") else value.split(",")
+        if isinstance(value, list | tuple):
+            value = list(dict.fromkeys(str(item).strip().lower() for item in value if str(item).strip()))
+            value = [item for item in value if item != "none"]
+        return value
 
 
 class TrainResult(BaseModel):

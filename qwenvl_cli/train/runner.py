@@ -39,6 +39,7 @@ from .placement import compile_blocks
 from .presets import resolve_rules
 from .resume import RUN_IDENTITY, resume_point, run_identity
 from .summary import RUN_MANIFEST, write_run_folder
+from .trackers import check_trackers, tracker_environment
 from .trainer import build_trainer
 
 
@@ -90,6 +91,7 @@ def _run_training(options: TrainOptions, on_event: EventHook | None) -> TrainRes
             "CPU processes as plain DDP",
             "On this machine use --engine ddp, or --engine deepspeed --zero 3 to shard (it runs on CPUs too)",
         )
+    check_trackers(options.report_to)
     tokenizer = family.tokenizer(model_dir)
     template = family.template(tokenizer)
     picture_tokens = family.picture_tokens()
@@ -167,40 +169,42 @@ def _run_training(options: TrainOptions, on_event: EventHook | None) -> TrainRes
             model.enable_input_require_grads()
     if options.compile:
         compile_blocks(model, family)
-    trainer = build_trainer(
-        model,
-        options,
-        rules,
-        family,
-        prepared.samples,
-        config,
-        tokenizer,
-        image_root,
-        checkpoints,
-        emit,
-        evaluation,
-        result,
-    )
-    emit(
-        "start",
-        {
-            "samples": len(prepared.samples),
-            "dropped": prepared.dropped_too_long,
-            "notes": result.notes,
-            "trainable": trainable,
-            "total": total,
-            "resume": str(resume_from) if resume_from else None,
-        },
-    )
-    train_started = time.perf_counter()
-    try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except KeyboardInterrupt:
-        raise QwenvlError(
-            "training interrupted",
-            f"Continue where it stopped with --resume auto (checkpoints in {checkpoints})",
-            exit_code=130,
-        ) from None
+    # the trackers read their settings when the Trainer makes its callbacks and when training starts
+    with tracker_environment(options.report_to, output):
+        trainer = build_trainer(
+            model,
+            options,
+            rules,
+            family,
+            prepared.samples,
+            config,
+            tokenizer,
+            image_root,
+            checkpoints,
+            emit,
+            evaluation,
+            result,
+        )
+        emit(
+            "start",
+            {
+                "samples": len(prepared.samples),
+                "dropped": prepared.dropped_too_long,
+                "notes": result.notes,
+                "trainable": trainable,
+                "total": total,
+                "resume": str(resume_from) if resume_from else None,
+            },
+        )
+        train_started = time.perf_counter()
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except KeyboardInterrupt:
+            raise QwenvlError(
+                "training interrupted",
+                f"Continue where it stopped with --resume auto (checkpoints in {checkpoints})",
+                exit_code=130,
+            ) from None
     train_wall = time.perf_counter() - train_started
     losses = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
     result.global_step = trainer.state.global_step

@@ -57,6 +57,12 @@ def write_run_folder(
             (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", "utf-8")
         else:
             family.save_model(model, staging, model_dir, generation, dtype=rules.precision, state_dict=state_dict)
+            lacking = [name for name, lack in family.consumers(staging).items() if lack is not None]
+            if lacking:  # the base folder did not ship their files (a built-in model, a stripped copy)
+                result.notes.append(
+                    f"the fine-tuned model does not load in {'; '.join(lacking)}: the base folder has no "
+                    "remote-code/tokenizer files to carry over (train from the downloaded official folder)"
+                )
         curve = None
         if losses:
             from ..charts import loss_curve_png

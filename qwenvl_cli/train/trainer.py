@@ -3,7 +3,7 @@ collator, token/sample counters, events for the progress display, evaluation by 
 
 from __future__ import annotations
 
-import os
+import json
 import time
 from pathlib import Path
 
@@ -14,6 +14,7 @@ from . import placement
 from .data import pack_rows
 from .engines import deepspeed_config, fsdp_config, world_size
 from .presets import PRESETS
+from .trackers import record_settings
 
 
 def build_trainer(
@@ -46,9 +47,6 @@ def build_trainer(
             f"packing: {len(samples):,} samples in {len(rows):,} rows of up to {options.max_length} tokens "
             f"({fill:.0%} full); --batch-size counts rows"
         )
-    if options.report_to == "tensorboard":
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(options.output) / "tensorboard")
-
     preset = PRESETS[rules.method]
 
     class QwenVLTrainer(Trainer):
@@ -82,6 +80,9 @@ def build_trainer(
                         f"the frozen token embeddings ({moved / 1e6:,.1f} M values) are looked up in CPU memory "
                         "and only the rows of each batch go to the GPU"
                     )
+            if options.report_to:
+                settings = json.loads(options.model_dump_json()) | {"rules": rules.model_dump()}
+                record_settings(options.report_to, settings, trainer_ref[0].callback_handler.callbacks)
             emit("steps", {"total": state.max_steps, "done": state.global_step})
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -131,7 +132,8 @@ def build_trainer(
         use_cpu=not torch.cuda.is_available(),
         ddp_backend="gloo" if not torch.cuda.is_available() and world_size() > 1 else None,
         ddp_find_unused_parameters=False,  # every trainable parameter is used (text-only batches touch the ViT)
-        report_to=options.report_to,
+        report_to=list(options.report_to) or "none",
+        run_name=Path(options.output).name,
         deepspeed=deepspeed_config(options, rules) if options.engine == "deepspeed" else None,
         fsdp=options.engine == "fsdp",
         fsdp_config=fsdp_config(options, family) if options.engine == "fsdp" else None,
