@@ -131,3 +131,28 @@ def test_the_checker_sees_relative_lazy_and_absolute_imports(tmp_path):
     assert {"families", "train.trainer", "train.options"} <= found
     worker = imports(PACKAGE / "profile_worker.py")  # absolute `from qwenvl_cli.train.runner import …` in a function
     assert "train.runner" in worker
+
+
+def test_a_folder_is_recognised_by_its_model_type(tmp_path, models):
+    """family_for: Qwen-VL by model_type "qwen"; a newer generation named and refused; anything else refused
+    with the supported types; a missing folder or config named."""
+    import json
+
+    from qwenvl_cli.errors import QwenvlError
+    from qwenvl_cli.families import family_for
+
+    assert family_for(models / "tiny").name == "qwen-vl"
+    for model_type, title in (("qwen2_5_vl", "Qwen2.5-VL"), ("qwen3_vl_moe", "Qwen3-VL MoE"), ("llama", None)):
+        folder = tmp_path / model_type
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model_type": model_type}), "utf-8")
+        with pytest.raises(QwenvlError) as raised:
+            family_for(folder)
+        assert (title or "which qwenvl does not train or load") in raised.value.message
+        assert "'qwen' (Qwen-VL)" in raised.value.fix
+    with pytest.raises(QwenvlError, match=r"model folder .*nowhere does not exist"):
+        family_for(tmp_path / "nowhere")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json", "utf-8")
+    with pytest.raises(QwenvlError, match="is not a JSON object"):
+        family_for(tmp_path / "broken")

@@ -12,6 +12,13 @@ from .base import ModelFamily
 from .qwen_vl import QwenVLFamily
 
 FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (QwenVLFamily(),)}
+# Generations recognised by their model_type and refused by name until their family is built
+NOT_YET = {
+    "qwen2_vl": "Qwen2-VL",
+    "qwen2_5_vl": "Qwen2.5-VL",
+    "qwen3_vl": "Qwen3-VL",
+    "qwen3_vl_moe": "Qwen3-VL MoE",
+}
 
 
 def family_named(name: str) -> ModelFamily:
@@ -22,20 +29,20 @@ def family_named(name: str) -> ModelFamily:
 
 def family_of_preset(preset: str) -> ModelFamily:
     """The family whose `init-model` preset this is."""
-    for family in FAMILIES.values():
-        if preset in family.presets:
-            return family
-    known = ", ".join(name for family in FAMILIES.values() for name in family.presets)
-    raise QwenvlError(f"unknown preset {preset!r}", f"Use one of: {known}")
+    return _family_listing(preset, "presets", "preset")
 
 
 def profile_family(preset: str) -> ModelFamily:
     """The family whose `qwenvl profile --preset` this is."""
+    return _family_listing(preset, "profile_presets", "profile preset")
+
+
+def _family_listing(name: str, table: str, what: str) -> ModelFamily:
     for family in FAMILIES.values():
-        if preset in family.profile_presets:
+        if name in getattr(family, table):
             return family
-    known = ", ".join(name for family in FAMILIES.values() for name in family.profile_presets)
-    raise QwenvlError(f"unknown profile preset {preset!r}", f"Use one of: {known}")
+    known = ", ".join(entry for family in FAMILIES.values() for entry in getattr(family, table))
+    raise QwenvlError(f"unknown {what} {name!r}", f"Use one of: {known}")
 
 
 def family_for(folder: str | Path) -> ModelFamily:
@@ -69,6 +76,12 @@ def family_for(folder: str | Path) -> ModelFamily:
         if model_type in family.model_types:
             return family
     supported = ", ".join(f"{t!r} ({family.title})" for family in FAMILIES.values() for t in family.model_types)
+    if model_type in NOT_YET:
+        raise QwenvlError(
+            f"{folder} holds a {NOT_YET[model_type]} model (model_type {model_type!r}), which qwenvl does not train "
+            "or load yet",
+            f"Use a Qwen-VL checkpoint (model_type {supported}); the newer generations are the next step",
+        )
     raise QwenvlError(
         f"{folder} holds a model of type {model_type!r}, which qwenvl does not train or load",
         f"Use a checkpoint of a supported family: model_type {supported}",

@@ -1,8 +1,10 @@
-"""What `qwenvl train` takes and returns: `TrainOptions`, `TrainResult` and the event hook's type."""
+"""What `qwenvl train` takes and returns: `TrainOptions`, `TrainResult`, the event hook's type, and `RunSetup`,
+what the steps of one run share once the model folder has been read."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -98,3 +100,25 @@ class TrainResult(BaseModel):
     weights_gib: float = 0.0  # weights + gradients + AdamW states, activations not included
     processes: int = 1
     evaluations: list[dict] = Field(default_factory=list)  # step, eval_loss, accuracy, acc_at_50
+
+
+@dataclass
+class RunSetup:
+    """What the steps of one run share once the model folder has been read and the rules resolved."""
+
+    options: TrainOptions
+    family: Any  # the ModelFamily of `model_dir`
+    rules: Any  # presets.ResolvedRules
+    model_dir: Path
+    config: Any  # the family's config object
+    tokenizer: Any
+    generation: dict[str, Any]  # the model's generation_config.json
+    quant: str | None  # "gptq" | "nf4" for Q-LoRA
+
+    @property
+    def output(self) -> Path:
+        return Path(self.options.output)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.output / "checkpoints"

@@ -34,7 +34,7 @@ from .engines import (
 )
 from .launch import world
 from .method import apply_method, count_parameters, load_model, quantisation, weights_gib
-from .options import EventHook, TrainOptions, TrainResult
+from .options import EventHook, RunSetup, TrainOptions, TrainResult
 from .placement import compile_blocks
 from .presets import resolve_rules
 from .resume import RUN_IDENTITY, resume_point, run_identity
@@ -169,22 +169,10 @@ def _run_training(options: TrainOptions, on_event: EventHook | None) -> TrainRes
             model.enable_input_require_grads()
     if options.compile:
         compile_blocks(model, family)
+    setup = RunSetup(options, family, rules, model_dir, config, tokenizer, generation, quant)
     # the trackers read their settings when the Trainer makes its callbacks and when training starts
     with tracker_environment(options.report_to, output):
-        trainer = build_trainer(
-            model,
-            options,
-            rules,
-            family,
-            prepared.samples,
-            config,
-            tokenizer,
-            image_root,
-            checkpoints,
-            emit,
-            evaluation,
-            result,
-        )
+        trainer = build_trainer(model, setup, prepared.samples, image_root, emit, evaluation, result)
         emit(
             "start",
             {
@@ -224,21 +212,7 @@ def _run_training(options: TrainOptions, on_event: EventHook | None) -> TrainRes
     elif options.engine == "fsdp":
         state_dict = trainer.accelerator.get_state_dict(trainer.model)  # gathered the same way
     if rank == 0:  # rank 0 writes the run folder
-        result.loss_curve = write_run_folder(
-            model,
-            family,
-            output,
-            model_dir,
-            rules,
-            quant,
-            options,
-            prepared,
-            identity,
-            result,
-            losses,
-            generation,
-            state_dict,
-        )
+        result.loss_curve = write_run_folder(model, setup, prepared, identity, result, losses, state_dict)
     leave_process_group()
     emit("done", result.model_dump())
     return result

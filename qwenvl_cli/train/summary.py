@@ -11,8 +11,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import __version__
-from ..families import ModelFamily
 from ..schemas import RunManifest
+from .options import RunSetup
 from .presets import PRESETS
 
 RUN_MANIFEST = "qwenvl_run.json"
@@ -31,23 +31,11 @@ def package_versions() -> dict[str, str]:
     return found
 
 
-def write_run_folder(
-    model,
-    family: ModelFamily,
-    output: Path,
-    model_dir: Path,
-    rules,
-    quant,
-    options,
-    prepared,
-    identity,
-    result,
-    losses,
-    generation,
-    state_dict=None,
-):
+def write_run_folder(model, setup: RunSetup, prepared, identity, result, losses, state_dict=None):
     """Write the final model and the manifest (last) into the run folder; each file lands atomically.
     `state_dict` is the gathered state of a DeepSpeed run (the model's own parameters may be shards)."""
+    options, family, rules, model_dir = setup.options, setup.family, setup.rules, setup.model_dir
+    output, quant, generation = setup.output, setup.quant, setup.generation
     staging = output / f".final-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:

@@ -9,29 +9,19 @@ from pathlib import Path
 
 import torch
 
-from ..families import ModelFamily
 from . import placement
 from .data import pack_rows
 from .engines import deepspeed_config, fsdp_config, world_size
+from .options import RunSetup
 from .presets import PRESETS
 from .trackers import record_settings
 
 
-def build_trainer(
-    model,
-    options,
-    rules,
-    family: ModelFamily,
-    samples,
-    config,
-    tokenizer,
-    image_root,
-    checkpoints,
-    emit,
-    evaluation,
-    result,
-):
-    """A Trainer over `model` that reports through `emit(kind, payload)` and fills `result`'s counters."""
+def build_trainer(model, setup: RunSetup, samples, image_root: Path, emit, evaluation, result):
+    """A Trainer over `model` that reports through `emit(kind, payload)` and fills `result`'s counters;
+    `evaluation` is (prepared eval data, its image root) or None."""
+    options, rules, family = setup.options, setup.rules, setup.family
+    config, tokenizer = setup.config, setup.tokenizer
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
     from transformers.utils import logging as transformers_logging
@@ -108,12 +98,12 @@ def build_trainer(
             if evaluation is None or not state.is_world_process_zero:
                 return
             record = {"step": state.global_step, "eval_loss": (metrics or {}).get("eval_loss")}
-            record.update(generation_metrics(kwargs["model"], family, tokenizer, config, evaluation, options))
+            record.update(generation_metrics(kwargs["model"], setup, evaluation))
             result.evaluations.append(record)
             emit("eval", record)
 
     arguments = TrainingArguments(
-        output_dir=str(checkpoints),
+        output_dir=str(setup.checkpoints),
         per_device_train_batch_size=options.batch_size,
         gradient_accumulation_steps=options.grad_accum,
         num_train_epochs=options.epochs,
@@ -162,8 +152,9 @@ def build_trainer(
     return trainer
 
 
-def generation_metrics(model, family: ModelFamily, tokenizer, config, evaluation, options) -> dict:
+def generation_metrics(model, setup: RunSetup, evaluation) -> dict:
     """Ask the model the first --eval-samples samples of --eval-data: exact match and Acc@0.5."""
+    options, family = setup.options, setup.family
     from ..data.reader import DataFile
     from ..evaluate import evaluate
     from ..schemas import GenerationSettings
@@ -176,7 +167,7 @@ def generation_metrics(model, family: ModelFamily, tokenizer, config, evaluation
             samples.append(record.value)
         if len(samples) >= options.eval_samples:
             break
-    processor = family.processor(tokenizer, config, image_root=root)
+    processor = family.processor(setup.tokenizer, setup.config, image_root=root)
     was_training = model.training
     model.eval()
     try:
