@@ -12,8 +12,6 @@ from rich.table import Table
 
 from ..profile import ProfileCell, ProfileResult
 
-COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75)]
-
 
 @contextlib.contextmanager
 def profile_progress(console: Console):
@@ -141,62 +139,45 @@ def profile_markdown(result: ProfileResult) -> str:
     return "\n".join(lines) + "\n"
 
 
+def profile_chart_data(result: ProfileResult) -> tuple[dict, dict]:
+    """`ProfileResult` as the plain data of `charts.profile_figure`: (series, keyword options)."""
+
+    def points(baseline: bool) -> dict[str, list[tuple[int, float | None, float | None]]]:
+        series = {}
+        for method in result.methods:
+            cells = [result.cell(method, length, baseline) for length in result.lengths]
+            cells = [cell for cell in cells if cell is not None]
+            if cells:
+                series[method] = [
+                    (cell.length, cell.memory_gib, cell.seconds_per_step)
+                    if cell.status == "ok"
+                    else (cell.length, None, None)
+                    for cell in cells
+                ]
+        return series
+
+    def reasons(cells: list[ProfileCell]) -> dict[str, dict[int, str]]:
+        found: dict[str, dict[int, str]] = {}
+        for cell in cells:
+            if cell.status != "ok":
+                found.setdefault(cell.method, {})[cell.length] = cell_text(cell)
+        return found
+
+    options = {
+        "title": f"qwenvl profile: {result.model} on {result.device}",
+        "caption": _caption(result),
+        "failures": reasons(result.cells),
+        "baselines": points(True),
+        "baseline_failures": reasons(result.baseline_cells),
+        "memory_limit_gib": result.gpu_memory_gib,
+    }
+    return points(False), options
+
+
 def profile_png(result: ProfileResult, path: str | Path) -> Path:
-    """Two panels, memory and s/it against length, one line per method (Pillow; no plotting library)."""
-    from PIL import Image, ImageDraw
+    """Two panels, memory and s/it against length, one line per method (the upstream recipe's cells dashed),
+    cells without a value marked with their status, the GPU memory as a line, the caption below (matplotlib)."""
+    from ..charts import profile_chart_png
 
-    width, height, margin = 960, 420, 60
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((margin, 8), f"qwenvl profile: {result.model} on {result.device}", fill=(0, 0, 0))
-    lengths = result.lengths
-    low_x, high_x = min(lengths), max(lengths)
-    span_x = (high_x - low_x) or 1
-    panels = (("memory (GiB)", "memory_gib"), ("s/it", "seconds_per_step"))
-    panel_width = (width - 3 * margin) // 2
-    for index, (title, key) in enumerate(panels):
-        left = margin + index * (panel_width + margin)
-        right, top, bottom = left + panel_width, 40, height - margin
-        draw.rectangle((left, top, right, bottom), outline=(120, 120, 120))
-        draw.text((left, top - 14), title, fill=(0, 0, 0))
-        values = [getattr(c, key) for c in result.cells if c.status == "ok" and getattr(c, key) is not None] or [
-            0.0,
-            1.0,
-        ]
-        low, high = 0.0, max(values) * 1.1 or 1.0
-
-        def xy(length: float, value: float, left=left, right=right, top=top, bottom=bottom, high=high, low=low):
-            return (
-                left + (length - low_x) / span_x * (right - left) if span_x else (left + right) / 2,
-                bottom - (value - low) / (high - low) * (bottom - top),
-            )
-
-        for fraction in (0.25, 0.5, 0.75):
-            y = top + fraction * (bottom - top)  # gridlines at quarters of the scale
-            draw.line((left, y, right, y), fill=(230, 230, 230))
-        for fraction in (0.0, 0.5):
-            draw.text(
-                (left - 50, top - 4 + fraction * (bottom - top)), f"{high * (1 - fraction):.3g}", fill=(80, 80, 80)
-            )
-        draw.text((left - 50, bottom - 6), "0", fill=(80, 80, 80))
-        for length in lengths:
-            x, _ = xy(length, 0)
-            draw.text((x - 12, bottom + 6), str(length), fill=(80, 80, 80))
-        draw.text(((left + right) // 2 - 30, bottom + 22), "tokens per sample", fill=(80, 80, 80))
-        for number, method in enumerate(result.methods):
-            colour = COLOURS[number % len(COLOURS)]
-            points = [
-                xy(c.length, getattr(c, key))
-                for length in lengths
-                if (c := result.cell(method, length)) is not None and c.status == "ok"
-            ]
-            if len(points) > 1:
-                draw.line(points, fill=colour, width=2)
-            for x, y in points:
-                draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
-            if index == 0:  # the legend, in the header line: never over a curve
-                x = width // 2 + 20 + 110 * number
-                draw.line((x, 14, x + 16, 14), fill=colour, width=3)
-                draw.text((x + 22, 8), method, fill=colour)
-    image.save(path)
-    return Path(path)
+    series, options = profile_chart_data(result)
+    return profile_chart_png(series, path, **options)
