@@ -55,7 +55,8 @@ def write_run_folder(model, setup: RunSetup, prepared, identity, result, losses,
         if losses:
             from ..charts import loss_curve_png
 
-            loss_curve_png(losses, staging / "loss.png", title=f"{rules.method} · {Path(options.data).name}")
+            title = f"{rules.method} · {Path(options.data).name}"
+            loss_curve_png(losses, staging / "loss.png", title=title, evaluations=result.evaluations)
             curve = str(output / "loss.png")
         for path in staging.iterdir():
             os.replace(path, output / path.name)
