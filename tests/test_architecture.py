@@ -11,7 +11,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "qwenvl_cli"
 
 # Layers, lowest first: a module may import its own layer and the layers below, never one above.
-BASE = {"errors", "schemas", "markup", "sizes", "images", "charts", "demo", "__init__"}
+BASE = {"errors", "schemas", "markup", "grounding", "sizes", "images", "charts", "demo", "__init__"}
 LAYERS = [
     ("base", lambda m: m.split(".")[0] in BASE),
     ("model", lambda m: m.startswith("model")),

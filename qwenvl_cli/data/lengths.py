@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..families import family_for
+from ..families.base import picture_spans
 from ..schemas import HistogramBin, LengthStats
 
 # (code, message)
@@ -17,10 +18,10 @@ EmitLength = Callable[[str, str], None]
 
 
 class LengthChecker:
-    def __init__(self, model_dir: str | Path, max_length: int):
+    def __init__(self, model_dir: str | Path, max_length: int, image_root: Path | None = None):
         self.model_dir = Path(model_dir)
         family = family_for(self.model_dir)
-        self.template = family.template(family.tokenizer(self.model_dir))
+        self.template = family.template(family.tokenizer(self.model_dir), image_root=image_root)
         self.picture_tokens = family.picture_tokens()
         self.max_length = max_length
         self.lengths = array("l")
@@ -33,10 +34,11 @@ class LengthChecker:
         if length <= limit:
             return
         over = f"{length} tokens > --max-length {limit}"
-        for start in encoded.image_starts:
-            if start < limit < start + self.picture_tokens:
-                picture = encoded.image_starts.index(start) + 1
-                last = start + self.picture_tokens - 1
+        for picture, (start, span) in enumerate(
+            zip(encoded.image_starts, picture_spans(encoded, self.picture_tokens)), 1
+        ):
+            if start < limit < start + span:
+                last = start + span - 1
                 emit("L501", f"{over}: the cut falls inside picture {picture} (tokens {start}–{last})")
                 return
         if encoded.first_target is None or encoded.first_target >= limit:

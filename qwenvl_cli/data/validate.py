@@ -126,7 +126,10 @@ def validate_data(
     if options.output_clean is not None:
         _refuse_overwriting_input(options.output_clean, states)
 
-    lengths = LengthChecker(options.model, options.max_length) if options.model is not None else None
+    lengths = None
+    if options.model is not None:  # relative picture paths: under --image-root, else beside the first file
+        root = options.image_root or Path(paths[0]).resolve().parent
+        lengths = LengthChecker(options.model, options.max_length, image_root=root)
     collector = _Collector()
     for state in states:
         _read_file(state, collector, lengths, on_progress)

@@ -1,6 +1,6 @@
 """Model families: `family_for(folder)` gives the `ModelFamily` that reads, trains and writes a checkpoint
-folder, recognised by its config.json `model_type`. Qwen-VL (v1) is the first; each later generation is one
-more module here and one more entry in `FAMILIES`."""
+folder, recognised by its config.json `model_type`. Qwen-VL (v1) is the first (`qwen_vl`); Qwen2-VL,
+Qwen2.5-VL and Qwen3-VL share one module built on transformers' own classes (`hf_vl`)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from pathlib import Path
 
 from ..errors import QwenvlError
 from .base import ModelFamily
+from .hf_vl import Qwen2VLFamily, Qwen3VLFamily, Qwen25VLFamily
 from .qwen_vl import QwenVLFamily
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (QwenVLFamily(),)}
+FAMILIES: dict[str, ModelFamily] = {
+    family.name: family for family in (QwenVLFamily(), Qwen2VLFamily(), Qwen25VLFamily(), Qwen3VLFamily())
+}
 # Generations recognised by their model_type and refused by name until their family is built
 NOT_YET = {
-    "qwen2_vl": "Qwen2-VL",
-    "qwen2_5_vl": "Qwen2.5-VL",
-    "qwen3_vl": "Qwen3-VL",
     "qwen3_vl_moe": "Qwen3-VL MoE",
 }
 
@@ -54,7 +54,7 @@ def family_for(folder: str | Path) -> ModelFamily:
         for family in FAMILIES.values():  # a tokenizer-only folder (validate-data --model needs no weights)
             if folder.is_dir() and any((folder / name).is_file() for name in family.tokenizer_files):
                 return family
-        tokenizers = " or ".join(name for family in FAMILIES.values() for name in family.tokenizer_files)
+        tokenizers = " or ".join(dict.fromkeys(n for family in FAMILIES.values() for n in family.tokenizer_files))
         if not folder.exists():
             raise QwenvlError(
                 f"model folder {folder} does not exist",

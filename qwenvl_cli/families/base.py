@@ -83,13 +83,16 @@ class ModelFamily(ABC):
     default_system: ClassVar[str] = ""
 
     @abstractmethod
-    def template(self, tokenizer: Any, system: str | None = None) -> Any:
-        """Conversation turns → `EncodedConversation` (ids, labels, picture starts and paths)."""
+    def template(self, tokenizer: Any, system: str | None = None, image_root: Path | None = None) -> Any:
+        """Conversation turns → `EncodedConversation` (ids, labels, picture starts and paths). Families whose
+        picture spans depend on the picture's size open the pictures (relative paths under `image_root`) and
+        give each encoded conversation `image_lengths`, the tokens of each picture, markers included."""
         ...
 
     @abstractmethod
     def picture_tokens(self) -> int:
-        """Tokens one picture takes in a sequence, markers included."""
+        """Tokens one picture takes in a sequence, markers included (families with variable spans: their
+        encoded conversations' `image_lengths` count instead)."""
         ...
 
     @abstractmethod
@@ -171,3 +174,10 @@ class ModelFamily(ABC):
     def tiny_vocabulary(self, path: Path) -> Path:
         """Write the built-in tiny vocabulary to `path` (profile's 7B preset without --vocab)."""
         ...
+
+
+def picture_spans(encoded: Any, picture_tokens: int) -> list[int]:
+    """The tokens each picture of `encoded` takes: its own `image_lengths` where the family's pictures vary in
+    size (Qwen2-VL and later), else the family's fixed `picture_tokens`."""
+    lengths = getattr(encoded, "image_lengths", None)
+    return list(lengths) if lengths else [picture_tokens] * len(encoded.image_starts)

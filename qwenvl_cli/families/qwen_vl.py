@@ -113,7 +113,7 @@ class QwenVLFamily(ModelFamily):
             return QwenVLForCausalLM(config)
 
     # -- text and pictures -----------------------------------------------------------------------------------
-    def template(self, tokenizer, system: str | None = None):
+    def template(self, tokenizer, system: str | None = None, image_root: Path | None = None):
         from ..model.template import ChatTemplate
 
         return ChatTemplate(tokenizer, self.default_system if system is None else system)

@@ -16,6 +16,7 @@ from typing import Any
 from ..data.reader import DataFile
 from ..data.validate import ValidateOptions, validate_data
 from ..errors import QwenvlError
+from ..families.base import picture_spans
 from ..schemas import ValidationReport
 
 
@@ -63,20 +64,24 @@ def prepare_samples(
         )
     samples = []
     dropped = 0
+    fixed = picture_tokens
     for record in DataFile.open(data_file).records():
         if record.index in bad or record.problem is not None:
             continue
         turns = [(turn["from"], turn["value"]) for turn in record.value["conversations"]]
         encoded = template.encode(turns)
         if len(encoded) > max_length:
-            cut_in_picture = any(start < max_length < start + picture_tokens for start in encoded.image_starts)
+            spans = picture_spans(encoded, fixed)
+            cut_in_picture = any(start < max_length < start + n for start, n in zip(encoded.image_starts, spans))
             no_target = encoded.first_target is None or encoded.first_target >= max_length
             if cut_in_picture or no_target:
                 dropped += 1
                 continue
-            keep = [s for s in encoded.image_starts if s + picture_tokens <= max_length]
+            keep = [s for s, n in zip(encoded.image_starts, spans) if s + n <= max_length]
             encoded.image_paths = encoded.image_paths[: len(keep)]
             encoded.image_starts = keep
+            if getattr(encoded, "image_lengths", None):
+                encoded.image_lengths = encoded.image_lengths[: len(keep)]
             encoded.input_ids = encoded.input_ids[:max_length]
             encoded.labels = encoded.labels[:max_length]
         samples.append(encoded)

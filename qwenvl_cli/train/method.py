@@ -62,13 +62,25 @@ def apply_method(model, options: TrainOptions, rules: ResolvedRules, family: Mod
             r=options.lora_r,
             lora_alpha=options.lora_alpha,
             lora_dropout=options.lora_dropout,
-            target_modules=list(options.lora_targets or family.lora_targets),
+            target_modules=lora_target_modules(list(options.lora_targets or family.lora_targets)),
             modules_to_save=list(rules.modules_to_save) or None,
             task_type="CAUSAL_LM",
         )
         return get_peft_model(model, lora)
     family.prepare_full(model, train_vision=options.train_vit)
     return model
+
+
+REGEX_CHARACTERS = set("*()|\\^$[]+?")
+
+
+def lora_target_modules(targets: list[str]) -> list[str] | str:
+    """peft's `target_modules`: a list matches module-name suffixes, a string is a regular expression matched
+    against the whole name. One target with regex characters (module names have none), such as the newer
+    families' LM-only default, is passed as the string."""
+    if len(targets) == 1 and REGEX_CHARACTERS & set(targets[0]):
+        return targets[0]
+    return targets
 
 
 def weights_gib(trainable: int, total: int, precision: str, quant: str | None) -> float:

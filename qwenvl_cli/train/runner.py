@@ -93,9 +93,9 @@ def _run_training(options: TrainOptions, on_event: EventHook | None) -> TrainRes
         )
     check_trackers(options.report_to)
     tokenizer = family.tokenizer(model_dir)
-    template = family.template(tokenizer)
-    picture_tokens = family.picture_tokens()
     image_root = options.image_root or Path(options.data).resolve().parent
+    template = family.template(tokenizer, image_root=image_root)
+    picture_tokens = family.picture_tokens()
     prepared = prepare_samples(
         options.data, template, options.max_length, picture_tokens, image_root, options.skip_invalid
     )
@@ -104,7 +104,12 @@ def _run_training(options: TrainOptions, on_event: EventHook | None) -> TrainRes
         eval_root = options.image_root or Path(options.eval_data).resolve().parent
         evaluation = (
             prepare_samples(
-                options.eval_data, template, options.max_length, picture_tokens, eval_root, options.skip_invalid
+                options.eval_data,
+                family.template(tokenizer, image_root=eval_root),
+                options.max_length,
+                picture_tokens,
+                eval_root,
+                options.skip_invalid,
             ),
             eval_root,
         )
