@@ -345,8 +345,14 @@ def train_command(
     lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 16,
     lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.05,
     lora_targets: Annotated[
-        str, typer.Option(help="Comma-separated module names that get LoRA adapters.")
-    ] = "c_attn,attn.c_proj,w1,w2",
+        str | None,
+        typer.Option(
+            help="Comma-separated module names that get LoRA adapters, or one regular expression over whole module "
+            "names. Default: the model family's (Qwen-VL: c_attn,attn.c_proj,w1,w2; Qwen2-VL, Qwen2.5-VL, Qwen3-VL: "
+            "the language model's attention and MLP projections).",
+            show_default=False,
+        ),
+    ] = None,
     train_vit: Annotated[bool, typer.Option(help="full: also train the ViT.")] = False,
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations to save memory.")] = False,
     compile: Annotated[

@@ -18,7 +18,7 @@ Box = tuple[int, int, int, int]  # x1, y1, x2, y2
 
 def _round(value: float) -> int:
     """Half away from zero (Python's round() rounds half to even)."""
-    return int(math.floor(value + 0.5)) if value >= 0 else -int(math.floor(-value + 0.5))
+    return math.floor(value + 0.5) if value >= 0 else -math.floor(-value + 0.5)
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:

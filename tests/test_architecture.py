@@ -134,15 +134,20 @@ def test_the_checker_sees_relative_lazy_and_absolute_imports(tmp_path):
 
 
 def test_a_folder_is_recognised_by_its_model_type(tmp_path, models):
-    """family_for: Qwen-VL by model_type "qwen"; a newer generation named and refused; anything else refused
-    with the supported types; a missing folder or config named."""
+    """family_for: Qwen-VL by model_type "qwen", Qwen2-VL/2.5-VL/3-VL by theirs; Qwen3-VL MoE named and
+    refused; anything else refused with the supported types; a missing folder or config named."""
     import json
 
     from qwenvl_cli.errors import QwenvlError
     from qwenvl_cli.families import family_for
 
     assert family_for(models / "tiny").name == "qwen-vl"
-    for model_type, title in (("qwen2_5_vl", "Qwen2.5-VL"), ("qwen3_vl_moe", "Qwen3-VL MoE"), ("llama", None)):
+    for model_type, name in (("qwen2_vl", "qwen2-vl"), ("qwen2_5_vl", "qwen2.5-vl"), ("qwen3_vl", "qwen3-vl")):
+        folder = tmp_path / model_type
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model_type": model_type}), "utf-8")
+        assert family_for(folder).name == name
+    for model_type, title in (("qwen3_vl_moe", "Qwen3-VL MoE"), ("llama", None)):
         folder = tmp_path / model_type
         folder.mkdir()
         (folder / "config.json").write_text(json.dumps({"model_type": model_type}), "utf-8")

@@ -35,7 +35,7 @@ class LengthChecker:
             return
         over = f"{length} tokens > --max-length {limit}"
         for picture, (start, span) in enumerate(
-            zip(encoded.image_starts, picture_spans(encoded, self.picture_tokens)), 1
+            zip(encoded.image_starts, picture_spans(encoded, self.picture_tokens), strict=True), 1
         ):
             if start < limit < start + span:
                 last = start + span - 1

@@ -216,9 +216,7 @@ class VisionTemplate:
             from ..images import load_image
 
             width, height = load_image(path, self.image_root).size
-            self._sizes[path] = smart_resize(
-                height, width, self.patch * self.merge, self.min_pixels, self.max_pixels
-            )
+            self._sizes[path] = smart_resize(height, width, self.patch * self.merge, self.min_pixels, self.max_pixels)
         return self._sizes[path]
 
     def picture_tokens(self, path: str) -> int:
@@ -635,7 +633,9 @@ class HFVisionFamily(ModelFamily):
     def consumers(self, folder: Path) -> dict[str, str | None]:
         folder = Path(folder)
         architectures = _read_json(folder / "config.json").get("architectures") or []
-        lacking = [name for name in ("config.json", "tokenizer.json", "tokenizer_config.json") if not (folder / name).is_file()]
+        lacking = [
+            name for name in ("config.json", "tokenizer.json", "tokenizer_config.json") if not (folder / name).is_file()
+        ]
         if not any((folder / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")):
             lacking.append("preprocessor_config.json")
         if not list(folder.glob("*.safetensors")):
@@ -660,8 +660,15 @@ class HFVisionFamily(ModelFamily):
             raise QwenvlError(
                 f"--vocab is a qwen.tiktoken of Qwen-VL (v1); {preset} has its own tiny vocabulary", "Drop --vocab"
             )
-        return write_tiny(self, preset, Path(output), seed=options.get("seed", 0), force=options.get("force", False),
-                          weights=options.get("weights"))
+        return write_tiny(
+            self,
+            image_only_processor_class(self.generation.processor_class),
+            preset,
+            Path(output),
+            seed=options.get("seed", 0),
+            force=options.get("force", False),
+            weights=options.get("weights"),
+        )
 
     def tiny_vocabulary(self, path: Path) -> Path:
         raise QwenvlError(f"{self.title} has no profile presets yet", "Profile a Qwen-VL (v1) preset")

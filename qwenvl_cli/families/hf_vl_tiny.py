@@ -111,13 +111,27 @@ def tiny_config(model_type: str):
     if model_type == "qwen2_vl":
         vision.update(embed_dim=32, hidden_size=64, mlp_ratio=2)
     elif model_type == "qwen2_5_vl":
-        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=56,
-                      fullatt_block_indexes=[1])
+        vision.update(
+            hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=56, fullatt_block_indexes=[1]
+        )
     else:  # qwen3_vl
-        text.update(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 5e6,
-                                                  "mrope_section": [4, 2, 2], "mrope_interleaved": True})
-        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=64, patch_size=16,
-                      num_position_embeddings=64, deepstack_visual_indexes=[0])
+        text.update(
+            head_dim=16,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 5e6,
+                "mrope_section": [4, 2, 2],
+                "mrope_interleaved": True,
+            },
+        )
+        vision.update(
+            hidden_size=32,
+            intermediate_size=64,
+            out_hidden_size=64,
+            patch_size=16,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0],
+        )
     return AutoConfig.for_model(
         model_type,
         text_config=text,
@@ -144,19 +158,19 @@ def tiny_image_processor(generation):
     )
 
 
-def write_tiny(family, preset: str, output: Path, seed: int = 0, force: bool = False, weights=None) -> dict:
-    """Write `preset` of `family` into `output` (replaced with `force`)."""
+def write_tiny(
+    family, processor_class: type, preset: str, output: Path, seed: int = 0, force: bool = False, weights=None
+) -> dict:
+    """Write `preset` of `family` into `output` (replaced with `force`); `processor_class` is the image-only
+    subclass of the family's processor."""
     import torch
     from transformers import AutoModelForImageTextToText
-
-    from .hf_vl import image_only_processor_class
 
     if output.exists() and any(output.iterdir()) and not force:
         raise QwenvlError(f"{output} is not empty", "Choose another --output, or pass --force to replace it")
     generation = family.generation
     template = TEMPLATE_DEFAULT_SYSTEM if generation.default_system else TEMPLATE_NO_SYSTEM
     tokenizer = tiny_tokenizer(template)
-    processor_class = image_only_processor_class(generation.processor_class)
     processor = processor_class(
         image_processor=tiny_image_processor(generation), tokenizer=tokenizer, chat_template=template
     )

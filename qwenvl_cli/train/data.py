@@ -72,12 +72,14 @@ def prepare_samples(
         encoded = template.encode(turns)
         if len(encoded) > max_length:
             spans = picture_spans(encoded, fixed)
-            cut_in_picture = any(start < max_length < start + n for start, n in zip(encoded.image_starts, spans))
+            cut_in_picture = any(
+                start < max_length < start + n for start, n in zip(encoded.image_starts, spans, strict=True)
+            )
             no_target = encoded.first_target is None or encoded.first_target >= max_length
             if cut_in_picture or no_target:
                 dropped += 1
                 continue
-            keep = [s for s, n in zip(encoded.image_starts, spans) if s + n <= max_length]
+            keep = [s for s, n in zip(encoded.image_starts, spans, strict=True) if s + n <= max_length]
             encoded.image_paths = encoded.image_paths[: len(keep)]
             encoded.image_starts = keep
             if getattr(encoded, "image_lengths", None):
