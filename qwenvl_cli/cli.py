@@ -335,7 +335,12 @@ def train_command(
         PrecisionChoice.auto
     ),
     quant: Annotated[QuantChoice | None, typer.Option(help="qlora: nf4 quantises a bf16/fp16 model at load.")] = None,
-    max_length: Annotated[int, typer.Option(help="Longest sample in tokens (258 per picture).", min=16)] = 2048,
+    max_length: Annotated[
+        int,
+        typer.Option(
+            help="Longest sample in tokens (a Qwen-VL picture takes 258; newer families: by its size).", min=16
+        ),
+    ] = 2048,
     batch_size: Annotated[int, typer.Option(help="Samples per device and micro-batch.", min=1)] = 1,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.", min=1)] = 8,
     epochs: Annotated[float, typer.Option(help="Passes over the data.", min=0.0)] = 1.0,

@@ -252,6 +252,18 @@ def test_training_learns_and_the_run_folder_loads_back(vl_models, tmp_path, name
         ]
         assert wrapped and not any(".visual." in n for n in wrapped)
         assert (out / "tokenizer.json").is_file()
+        from typer.testing import CliRunner
+
+        from qwenvl_cli.cli import app
+
+        merged = tmp_path / "merged"
+        folded = CliRunner().invoke(app, ["merge", str(out), "--output", str(merged)], env={"COLUMNS": "160"})
+        assert folded.exit_code == 0, folded.output
+        reloaded = AutoModelForImageTextToText.from_pretrained(merged)
+        ids = torch.tensor([[1, 2, 3, 4]])
+        with torch.no_grad():
+            expected = loaded.merge_and_unload()(input_ids=ids).logits
+            assert torch.allclose(reloaded(input_ids=ids).logits, expected, atol=1e-5)
     assert result.final_loss == curve[-1]
 
 

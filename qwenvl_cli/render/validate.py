@@ -132,7 +132,8 @@ def _render_examples(report: ValidationReport, console: Console, examples: int) 
 
 def _render_lengths(stats: LengthStats, console: Console) -> None:
     console.print(
-        f"[bold]Token lengths[/] (chat template, 258 per picture): min {stats.min:,} · median {stats.median:,} · "
+        f"[bold]Token lengths[/] (the model's template and picture tokens): min {stats.min:,} · "
+        f"median {stats.median:,} · "
         f"p95 {stats.p95:,} · max {stats.max:,} · over --max-length {stats.max_length:,}: {stats.over_limit:,}"
     )
     peak = max((b.count for b in stats.histogram), default=0) or 1
