@@ -292,3 +292,32 @@ def test_cli_trains_a_tiny_qwen25_vl(vl_models, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert (out / "qwenvl_run.json").is_file() and (out / "adapter_model.safetensors").is_file()
+
+
+def test_validate_data_with_a_family_model_reports_a_missing_picture_and_counts_the_rest(vl_models, tmp_path):
+    """The picture spans of these families need each picture's size; a picture that cannot be opened is the
+    picture check's finding, not a stop of the whole report."""
+    from typer.testing import CliRunner
+
+    from qwenvl_cli.cli import app
+
+    data = tmp_path / "d.json"
+    missing = {"from": "user", "value": "Picture 1: <img>missing.png</img>\nWhat is it?"}
+    data.write_text(
+        json.dumps(
+            [
+                {"id": "a", "conversations": [missing, {"from": "assistant", "value": "A cat."}]},
+                {
+                    "id": "b",
+                    "conversations": [{"from": "user", "value": "Hi"}, {"from": "assistant", "value": "Hello."}],
+                },
+            ]
+        ),
+        "utf-8",
+    )
+    model = vl_models / "qwen2.5-vl"
+    result = CliRunner().invoke(app, ["validate-data", str(data), "--model", str(model), "--format", "json"])
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert [f["code"] for f in report["findings"]] == ["I401"]
+    assert report["lengths"]["count"] == 1  # the sample whose picture opened

@@ -9,6 +9,7 @@ from array import array
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..errors import QwenvlError
 from ..families import family_for
 from ..families.base import picture_spans
 from ..schemas import HistogramBin, LengthStats
@@ -27,7 +28,12 @@ class LengthChecker:
         self.lengths = array("l")
 
     def check(self, turns: Sequence[tuple[str, str]], emit: EmitLength) -> None:
-        encoded = self.template.encode(turns)
+        try:
+            encoded = self.template.encode(turns)
+        except QwenvlError:
+            # A family whose picture spans depend on the picture's size must open it; a picture that cannot be
+            # opened is the picture check's finding (I-codes), and this sample's length is not counted.
+            return
         length = len(encoded)
         self.lengths.append(length)
         limit = self.max_length
