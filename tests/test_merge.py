@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import official_layout
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -361,33 +362,6 @@ def test_a_failure_while_writing_leaves_nothing_that_looks_complete(runs, tmp_pa
 
 # --------------------------------------------------------------------------------------------------
 # What a merge carries over from the base folder (issue: outputs that load where users take them)
-
-
-def official_layout(models, folder: Path) -> Path:
-    """The tiny chat model dressed as a downloaded official folder: remote-code files (stand-ins written here,
-    not the upstream code), tokenizer_config.json with its auto_map, a font, README and licence, config.json's
-    auto_map and a field the native config does not model."""
-    shutil.copytree(models / "tiny", folder)
-    for name in ("configuration_qwen.py", "modeling_qwen.py", "visual.py", "tokenization_qwen.py"):
-        (folder / name).write_text(f"# stand-in for the official {name}\n", "utf-8")
-    (folder / "qwen_generation_utils.py").write_text("# stand-in\n", "utf-8")
-    tokenizer_config = {
-        "auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]},
-        "model_max_length": 8192,
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config), "utf-8")
-    (folder / "SimSun.ttf").write_bytes(b"\x00\x01font")
-    (folder / "README.md").write_text("# Qwen-VL-Chat\n", "utf-8")
-    (folder / "LICENSE").write_text("licence text\n", "utf-8")
-    (folder / ".gitattributes").write_text("*.bin filter=lfs\n", "utf-8")
-    config = json.loads((folder / "config.json").read_text("utf-8"))
-    config["auto_map"] = {
-        "AutoConfig": "configuration_qwen.QWenConfig",
-        "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel",
-    }
-    config["use_flash_attn"] = "auto"
-    (folder / "config.json").write_text(json.dumps(config), "utf-8")
-    return folder
 
 
 def test_a_merge_carries_the_base_folders_files_and_keeps_auto_map(models, runs, tmp_path):
