@@ -360,6 +360,18 @@ class QwenVLPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     main_input_name = "input_ids"
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' loading (`AutoModelForCausalLM.from_pretrained` after `import qwenvl_cli`); the
+        resampler's fixed sin-cos table stays frozen, as in `load_checkpoint` (transformers makes every float
+        tensor it loads trainable)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        visual = getattr(getattr(model, "transformer", None), "visual", None)
+        if visual is not None:
+            visual.attn_pool.pos_embed.requires_grad_(False)
+        return loaded
+
     def _init_weights(self, module: nn.Module) -> None:
         first = next(module.parameters(), None)
         if first is None or first.is_meta:
