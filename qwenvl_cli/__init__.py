@@ -10,6 +10,12 @@ import logging as _logging
 for _name in ("torchao", "torch.utils._pytree", "bitsandbytes"):
     _logging.getLogger(_name).setLevel(_logging.ERROR)
 
+# transformers' AutoConfig / AutoModelForCausalLM / AutoTokenizer learn the native Qwen-VL (model_type "qwen")
+# as soon as transformers' auto modules are first imported; nothing of transformers is imported here.
+from .model import auto as _auto  # noqa: E402
+
+_auto.install()
+
 
 def quiet_import(module: str):
     """Import a module whose import prints a banner (gptqmodel), without the banner. Raises ImportError."""

@@ -11,6 +11,12 @@ Behaviour reproduced from the official model (see DESIGN.md): RMSNorm in fp32; r
 head with `cat(freqs, freqs)`, in fp32, at positions `cache_length + 0..S-1` whatever the padding;
 dynamic NTK on eval-mode prefill; logn query scaling past `seq_length` in eval mode; each picture's 256
 `<img>…</img>` positions take the picture's vectors.
+
+`position_ids`, when given, are the positions of all three (rotary, logn, and the length that picks the
+NTK factor, per row). transformers' `generate()` always passes them, counted from each row's first real
+token: a prompt then gets the tokens qwenvl's own loop gives it alone, left-padded in a batch or not. (The
+official code ignores them: a left-padded row there takes the NTK factor of the padded length and the logn
+scales of its padded positions, so its answer depends on what it is batched with.)
 """
 
 from __future__ import annotations
@@ -60,13 +66,37 @@ class RotaryEmbedding(nn.Module):
         self.base = base
         self.ntk_alpha_cached = 1.0  # the alpha of the last eval-mode prefill; decode steps keep it
 
-    def forward(self, positions: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def inverse_frequencies(self, alpha: float, device: torch.device) -> torch.Tensor:
         base = self.base * alpha ** (self.dim / (self.dim - 2))
-        exponents = torch.arange(0, self.dim, 2, device=positions.device).float() / self.dim
-        inv_freq = 1.0 / (base**exponents)
+        exponents = torch.arange(0, self.dim, 2, device=device).float() / self.dim
+        return 1.0 / (base**exponents)
+
+    def forward(self, positions: torch.Tensor, alpha: float | tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`alpha` is one factor, or one per row of the batch (a left-padded batch of prompts of different
+        lengths, see `prefill_alpha`); per-row factors need `positions` per row, (batch, seq)."""
+        if isinstance(alpha, tuple) and positions.dim() == 1:
+            positions = positions.expand(len(alpha), -1)
+        if isinstance(alpha, tuple) and positions.shape[0] != len(alpha):
+            # Another batch than the prefill's (a training step after generation): the factor the official
+            # model would have kept, the one of the longest row.
+            alpha = max(alpha)
+        if isinstance(alpha, tuple):
+            tables = {a: self.inverse_frequencies(a, positions.device) for a in set(alpha)}
+            inv_freq = torch.stack([tables[a] for a in alpha])[:, None, :]  # (batch, 1, dim/2)
+        else:
+            inv_freq = self.inverse_frequencies(alpha, positions.device)
         freqs = positions.float()[..., None] * inv_freq  # (seq, dim/2), or (batch, seq, dim/2) per row
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
+
+
+def prefill_alpha(positions: torch.Tensor, trained_len: int) -> float | tuple[float, ...]:
+    """The dynamic-NTK factor of a prefill from its positions, (seq,) or (batch, seq): each row's length is
+    its last position + 1, so a left-padded row (positions counted from its first real token, as
+    `generate` numbers them) gets the factor of its prompt alone. One float when all rows agree."""
+    lengths = (positions.reshape(-1, positions.shape[-1]).amax(dim=-1) + 1).tolist()
+    alphas = tuple(float(ntk_alpha(n, trained_len)) for n in lengths)
+    return alphas[0] if len(set(alphas)) == 1 else alphas
 
 
 def rotary_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,8 +130,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def logn_scale(positions: torch.Tensor, trained_len: int) -> torch.Tensor | None:
-    """log(p+1)/log(L) for 0-based positions p with p+1 > L (1 elsewhere); None when nothing is scaled."""
-    if int(positions[-1]) + 1 <= trained_len:
+    """log(p+1)/log(L) for 0-based positions p with p+1 > L (1 elsewhere), of the shape of `positions`,
+    (seq,) or (batch, seq); None when nothing is scaled."""
+    if int(positions.max()) + 1 <= trained_len:
         return None
     steps = positions.double() + 1
     scale = torch.where(steps > trained_len, torch.log(steps) / math.log(trained_len), torch.ones_like(steps))
@@ -136,8 +167,8 @@ class QwenAttention(nn.Module):
         qkv = self.c_attn(x).view(batch, seq, 3 * heads, self.head_dim)  # q's heads, then k's, then v's
         q, k = rotate(qkv[:, :, : 2 * heads], cos, sin).split(heads, dim=2)  # q and k rotated together
         v = qkv[:, :, 2 * heads :]
-        if logn is not None:
-            q = q * logn[None, :, None, None].type_as(q)
+        if logn is not None:  # (seq,) or (batch, seq)
+            q = q * (logn[None, :, None, None] if logn.dim() == 1 else logn[:, :, None, None]).type_as(q)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
@@ -219,9 +250,12 @@ class QwenModel(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`position_ids` (batch, seq), for packed rows whose samples each start at position 0; without
-        them positions count on from the cache. An `attention_mask` may number the samples of a packed row
-        (1, 2, …; 0 is padding): a token then sees only earlier tokens of its own sample."""
+        """`position_ids` (batch, seq): for packed rows whose samples each start at position 0, and for
+        left-padded prompts as `generate()` numbers them (padding at 0, then 0, 1, … from the first real
+        token); they place rotary and logn, and a row's last position + 1 is its length for the NTK factor
+        of an eval-mode prefill. Without them positions count on from the cache, as the official model's do.
+        An `attention_mask` may number the samples of a packed row (1, 2, …; 0 is padding): a token then
+        sees only earlier tokens of its own sample."""
         hidden = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
         batch, seq = hidden.shape[:2]
         past = cache.get_seq_length() if cache is not None else 0
@@ -230,10 +264,12 @@ class QwenModel(nn.Module):
 
         config = self.config
         if config.use_dynamic_ntk and past == 0 and not self.training:
-            self.rotary_emb.ntk_alpha_cached = ntk_alpha(seq, config.seq_length)
+            trained = config.seq_length
+            alpha = ntk_alpha(seq, trained) if position_ids is None else prefill_alpha(positions, trained)
+            self.rotary_emb.ntk_alpha_cached = alpha
         cos, sin = rotary_tables(*self.rotary_emb(positions, self.rotary_emb.ntk_alpha_cached))
         logn = None
-        if config.use_logn_attn and not self.training and position_ids is None:
+        if config.use_logn_attn and not self.training:
             logn = logn_scale(positions, config.seq_length)
         mask = attention_mask_4d(attention_mask, batch, seq, past, hidden.device)
 
@@ -323,6 +359,18 @@ class QwenVLPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["QwenBlock", "VisionTransformer"]  # noqa: RUF012 - the name transformers reads
     _supports_sdpa = True
     main_input_name = "input_ids"
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' loading (`AutoModelForCausalLM.from_pretrained` after `import qwenvl_cli`); the
+        resampler's fixed sin-cos table stays frozen, as in `load_checkpoint` (transformers makes every float
+        tensor it loads trainable)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        visual = getattr(getattr(model, "transformer", None), "visual", None)
+        if visual is not None:
+            visual.attn_pool.pos_embed.requires_grad_(False)
+        return loaded
 
     def _init_weights(self, module: nn.Module) -> None:
         first = next(module.parameters(), None)

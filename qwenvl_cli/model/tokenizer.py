@@ -176,6 +176,10 @@ class QwenVLTokenizer:
         """Token ids of `text` with every special token spelled out as text."""
         return self._encoding.encode_ordinary(unicodedata.normalize("NFC", text))
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of one token (a special token's text for a special id)."""
+        return self._encoding.decode_single_token_bytes(token_id)
+
     def decode(self, ids: list[int], errors: str = "replace") -> str:
         """Text of `ids`; ids past the vocabulary (the padding rows of a model's embedding) are skipped."""
         size = len(self)
