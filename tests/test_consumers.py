@@ -143,3 +143,27 @@ def test_peft_loads_the_run_folder_alone(made):
 
 def test_the_merge_says_it_serves_every_consumer(made):
     assert all(lack is None for lack in made["result"].consumers.values()), made["result"].consumers
+
+
+def test_peft_reloads_a_base_model_lora_with_its_trained_embeddings(models, tmp_path):
+    """LoRA on a base model also trains wte and lm_head (modules_to_save): AutoPeftModelForCausalLM on the run
+    folder alone reloads those trained copies, with the logits of the adapter model qwenvl loads."""
+    from peft import AutoPeftModelForCausalLM
+
+    from qwenvl_cli.inference import load_for_inference
+
+    data = tmp_path / "data"
+    shutil.copytree(DEMO_DATA.parent, data, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    run = tmp_path / "run"
+    run_training(
+        TrainOptions(method="lora", model=models / "tiny-base", data=data / "train.json", output=run,
+                     max_steps=2, lora_r=4, grad_accum=1, lr=1e-2, save_steps=100)
+    )  # fmt: skip
+    loaded = load_for_inference(models / "tiny-base", run)
+    prompts = batches(loaded.tokenizer, loaded.config.image_size)
+    expected = logits(loaded.model, prompts)
+    base_only, _ = load_checkpoint(models / "tiny-base", dtype="fp32")
+    assert not torch.allclose(expected[0], logits(base_only, prompts)[0])  # the run changed the model
+    model = AutoPeftModelForCausalLM.from_pretrained(str(run), dtype=torch.float32)
+    assert {"wte", "lm_head"} <= set(model.peft_config["default"].modules_to_save)
+    assert_same(expected, logits(model, prompts))
