@@ -181,3 +181,14 @@ def picture_spans(encoded: Any, picture_tokens: int) -> list[int]:
     size (Qwen2-VL and later), else the family's fixed `picture_tokens`."""
     lengths = getattr(encoded, "image_lengths", None)
     return list(lengths) if lengths else [picture_tokens] * len(encoded.image_starts)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A folder's JSON file as a dict; {} when it is missing, unreadable or not an object (optional files)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import QwenvlError
-from .base import ModelFamily
+from .base import ModelFamily, read_json_object
 
 IGNORE_INDEX = -100
 # The files of a folder that make its processor (tokenizer, chat template, image processor settings)
@@ -397,14 +397,6 @@ class PictureCollator:
 
 
 # -- the family ------------------------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _folder_of(thing: Any) -> Path:
     """The checkpoint folder a tokenizer or config was loaded from."""
     name = getattr(thing, "name_or_path", None) or getattr(thing, "_name_or_path", None)
@@ -441,7 +433,7 @@ class HFVisionFamily(ModelFamily):
         return AutoConfig.from_pretrained(str(folder))
 
     def generation_config(self, folder: Path) -> dict[str, Any]:
-        found = _read_json(Path(folder) / "generation_config.json")
+        found = read_json_object(Path(folder) / "generation_config.json")
         if found:
             return found
         return self.default_generation_config(self.tokenizer(folder))
@@ -463,7 +455,7 @@ class HFVisionFamily(ModelFamily):
     def is_base_model(self, folder: Path) -> bool:
         folder = Path(folder)
         has_template = (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file()
-        return not has_template and "chat_template" not in _read_json(folder / "tokenizer_config.json")
+        return not has_template and "chat_template" not in read_json_object(folder / "tokenizer_config.json")
 
     def checkpoint_quantisation(self, config) -> str | None:
         quantisation = getattr(config, "quantization_config", None)
@@ -559,7 +551,7 @@ class HFVisionFamily(ModelFamily):
                 "Drop --packing",
             )
         folder = _folder_of(config)
-        pad = _read_json(folder / "config.json").get("image_token_id")
+        pad = read_json_object(folder / "config.json").get("image_token_id")
         if pad is None:
             pad = getattr(config, "image_token_id", None)
         return PictureDataset(list(samples), folder, image_root, int(pad))
@@ -632,7 +624,7 @@ class HFVisionFamily(ModelFamily):
 
     def consumers(self, folder: Path) -> dict[str, str | None]:
         folder = Path(folder)
-        architectures = _read_json(folder / "config.json").get("architectures") or []
+        architectures = read_json_object(folder / "config.json").get("architectures") or []
         lacking = [
             name for name in ("config.json", "tokenizer.json", "tokenizer_config.json") if not (folder / name).is_file()
         ]

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .base import ModelFamily
+from .base import ModelFamily, read_json_object
 
 
 class QwenVLFamily(ModelFamily):
@@ -204,10 +204,10 @@ class QwenVLFamily(ModelFamily):
         return sorted([*_carried(base), *(base / name for name in self.tokenizer_files if (base / name).is_file())])
 
     def consumers(self, folder: Path) -> dict[str, str | None]:
-        config = _read_json(folder / "config.json")
+        config = read_json_object(folder / "config.json")
         auto_map = config.get("auto_map") or {}
         named = sorted({f"{reference.split('.')[0]}.py" for reference in auto_map.values() if "." in reference})
-        tokenizer_map = _read_json(folder / "tokenizer_config.json").get("auto_map") or {}
+        tokenizer_map = read_json_object(folder / "tokenizer_config.json").get("auto_map") or {}
         tokenizer_files = sorted({f"{ref.split('.')[0]}.py" for ref in _flat(tokenizer_map.values()) if "." in ref})
         lacking = []
         if not auto_map:
@@ -263,17 +263,7 @@ def _carried(base: Path) -> list[Path]:
 def _kept_config(base: Path) -> dict[str, Any]:
     """The base config.json's fields that a written model keeps as they are (`auto_map` and anything else the
     native config does not model), without the precision and quantisation fields the writer sets."""
-    return {key: value for key, value in _read_json(base / "config.json").items() if key not in OWN_CONFIG_FIELDS}
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
-    try:
-        data = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return {key: value for key, value in read_json_object(base / "config.json").items() if key not in OWN_CONFIG_FIELDS}
 
 
 def _flat(values) -> list[str]:
