@@ -64,3 +64,19 @@ def models(tmp_path_factory) -> Path:
     init_model("tiny", root / "tiny", seed=0)
     init_model("tiny-base", root / "tiny-base", seed=0)
     return root
+
+
+NEW_FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+
+
+@pytest.fixture(scope="session")
+def vl_models(tmp_path_factory) -> Path:
+    """tiny-qwen2-vl, tiny-qwen2.5-vl and tiny-qwen3-vl, each in a folder named after its family (seed 0),
+    built once per run."""
+    from qwenvl_cli.families import FAMILIES
+
+    root = tmp_path_factory.mktemp("vl-models")
+    for name in NEW_FAMILIES:
+        family = FAMILIES[name]
+        family.init_model(family.generation.preset, root / name, seed=0)
+    return root

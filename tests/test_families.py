@@ -14,7 +14,7 @@ from PIL import Image
 
 from qwenvl_cli.demo import DEMO_DATA
 from qwenvl_cli.errors import QwenvlError
-from qwenvl_cli.families import FAMILIES, NOT_YET, family_for
+from qwenvl_cli.families import NOT_YET, family_for
 from qwenvl_cli.grounding import (
     absolute_to_relative,
     clamp_relative,
@@ -31,16 +31,6 @@ CLASSES = {
     "qwen2.5-vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
     "qwen3-vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLProcessor"),
 }
-
-
-@pytest.fixture(scope="session")
-def vl_models(tmp_path_factory) -> Path:
-    """tiny-qwen2-vl, tiny-qwen2.5-vl and tiny-qwen3-vl, each in a folder named after its family."""
-    root = tmp_path_factory.mktemp("vl-models")
-    for name in NEW:
-        family = FAMILIES[name]
-        family.init_model(family.generation.preset, root / name, seed=0)
-    return root
 
 
 def turns_of(sample: dict) -> list[tuple[str, str]]:
