@@ -12,6 +12,12 @@
 #   rest                the three methods at the shorter lengths (the rest of the table and the chart)
 #   compiled-qlora, compiled-lora-base   --compile at 2,048
 #   loss                benchmarks/loss_memory_bench.py on the GPU (chunked against whole loss)
+#   family-lora         LoRA at 2,048 on the official sizes of Qwen2.5-VL-7B and Qwen3-VL-8B (FAMILY_PRESETS)
+#   family-qlora        Q-LoRA at 2,048 on the same (a refused cell with its reason until family Q-LoRA exists)
+#
+# The family grids come last in the default list, so a 540-s call rarely reaches them; run them alone with
+#   GRIDS=family-lora,family-qlora OUT=gpu-profile-family bash benchmarks/gpu_profile_7b.sh
+# (no vocabulary argument: the family presets carry their own; their result states each sample's picture tokens).
 #
 #   OUT=gpu-profile bash benchmarks/gpu_profile_7b.sh [path/to/qwen.tiktoken]
 #   GRIDS=rest,compiled-qlora,compiled-lora-base,loss OUT=... bash benchmarks/gpu_profile_7b.sh ...  # what is left
@@ -35,7 +41,8 @@ SHORTER=${LENGTHS%,*}
 STEPS=${STEPS:-2}
 LOG=$OUT/profile.log
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} ))
-GRIDS=${GRIDS:-sanity,targets,compiled-lora-chat,baseline,rest,compiled-qlora,compiled-lora-base,loss}
+GRIDS=${GRIDS:-sanity,targets,compiled-lora-chat,baseline,rest,compiled-qlora,compiled-lora-base,loss,family-lora,family-qlora}
+FAMILY_PRESETS=${FAMILY_PRESETS:-qwen2.5-vl-7b qwen3-vl-8b}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 vocab_flag=()
 [ -n "$VOCAB" ] && vocab_flag=(--vocab "$VOCAB")
@@ -57,6 +64,18 @@ grid() {  # grid NAME LIMIT_S -- profile flags...
     --steps "$STEPS" --warmup 1 "$@" --output "$OUT/profile-$name.json" >>"$LOG" 2>&1
   echo "=== $name exit $? $(date +%T)" >>"$LOG"
 }
+family_grid() {  # family_grid NAME LIMIT_S -- profile flags...: one grid per preset of FAMILY_PRESETS
+  local name=$1 cap=$2 preset; shift 3
+  start "$name" "$cap" || return 0
+  for preset in $FAMILY_PRESETS; do
+    left=$(( DEADLINE - $(date +%s) ))
+    [ "$left" -lt 60 ] && { echo "=== $name $preset not run: $left s left" >>"$LOG"; continue; }
+    timeout $(( limit < left ? limit : left )) $PY -m qwenvl_cli profile --preset "$preset" --gpu-memory 24GB \
+      --steps "$STEPS" --warmup 1 "$@" --output "$OUT/profile-$name-$preset.json" \
+      --markdown "$OUT/profile-$name-$preset.md" >>"$LOG" 2>&1
+    echo "=== $name $preset exit $? $(date +%T)" >>"$LOG"
+  done
+}
 
 if start sanity 90; then
   timeout "$limit" $PY -m qwenvl_cli train --method lora --max-steps 10 --eval-every 5 --eval-samples 4 \
@@ -74,4 +93,6 @@ if start loss 120; then
   timeout "$limit" $PY benchmarks/loss_memory_bench.py --device cuda --output "$OUT/loss-memory-gpu.json" >>"$LOG" 2>&1
   echo "=== loss exit $? $(date +%T)" >>"$LOG"
 fi
+family_grid family-lora 240 -- --methods lora-chat --lengths "$LONGEST"
+family_grid family-qlora 240 -- --methods qlora --lengths "$LONGEST"
 grep "^===" "$LOG"

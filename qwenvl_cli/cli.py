@@ -161,7 +161,8 @@ def init_model_command(
         bool | None,
         typer.Option(
             "--weights/--no-weights",
-            help="Write random weights (default: yes, except for the qwen-vl-7b presets).",
+            help="Write random weights (default: yes, except for the official-size presets: qwen-vl-7b, "
+            "qwen-vl-7b-base, qwen2-vl-7b, qwen2.5-vl-7b, qwen3-vl-8b).",
             show_default=False,
         ),
     ] = None,
@@ -177,6 +178,7 @@ def init_model_command(
       qwenvl init-model --output models/tiny
       qwenvl init-model --preset tiny-base --output models/tiny-base
       qwenvl init-model --preset qwen-vl-7b --vocab Qwen-VL-Chat/qwen.tiktoken --output models/7b-config
+      qwenvl init-model --preset qwen2.5-vl-7b --output models/qwen2.5-vl-7b-config   # config only
     """
     from .families import family_of_preset
 
@@ -185,7 +187,9 @@ def init_model_command(
     what = (
         f"{result['parameters']:,} parameters"
         if result["weights_written"]
-        else "config, tokenizer and generation config only (pass --weights for random weights, ~19 GB)"
+        else "config, tokenizer and generation config only ("
+        + result.get("weights_note", "pass --weights for random weights, ~19 GB")
+        + ")"
     )
     stdout.print(
         f"[green]✓[/] wrote {result['preset']} to {result['output']}: {what}; "
@@ -742,9 +746,11 @@ def profile_command(
     Every cell runs `qwenvl train`'s code in a fresh process on synthetic samples of exactly that length,
     one picture each; s/it is timed over the optimizer steps after --warmup. Memory is the CUDA allocator's
     peak reserved during training on a GPU, the process's peak RSS on a CPU (where everything trains in
-    fp32). A cell that runs out of memory is shown as OOM and the grid goes on. --preset qwen-vl-7b (GPU
-    only) builds the official sizes with random weights on the GPU in each cell (NF4 for qlora): nothing
-    is downloaded or written. Exit code 0 when the grid ran (failed cells included), 2 for a refusal.
+    fp32). A cell that runs out of memory is shown as OOM and the grid goes on. --preset qwen-vl-7b,
+    qwen2-vl-7b, qwen2.5-vl-7b or qwen3-vl-8b (GPU only) builds the official sizes with random weights on
+    the GPU in each cell (NF4 for qlora): nothing is downloaded or written. Under the table: the tokens
+    the samples' one picture takes in the model (its size after smart_resize for Qwen2-VL and later).
+    Exit code 0 when the grid ran (failed cells included), 2 for a refusal.
 
     [bold]Examples[/]
 
@@ -752,6 +758,8 @@ def profile_command(
       qwenvl profile --methods lora-chat,full --lengths 384,512 --steps 2
       qwenvl profile --model /models/Qwen-VL-Chat --methods lora-chat,qlora --gpu-memory 24GB
       qwenvl profile --preset qwen-vl-7b --methods lora-chat,lora-base,qlora   # on a GPU, no download
+      qwenvl profile --preset tiny-qwen2.5-vl --methods lora-chat,full --lengths 384,512
+      qwenvl profile --preset qwen2.5-vl-7b --methods lora-chat --lengths 2048   # on a GPU, no download
       qwenvl profile --baseline upstream --markdown profile.md --plot profile.png
     """
     from .profile import ProfileOptions, parse_lengths, parse_methods, parse_size_gib, run_profile

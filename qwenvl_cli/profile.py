@@ -88,6 +88,27 @@ class ProfileCell(BaseModel):
     wall_seconds: float = 0.0  # the whole subprocess: start, model load, data, training
 
 
+class ProfilePicture(BaseModel):
+    """The one picture of every synthetic sample, and the tokens it takes in the profiled model."""
+
+    width: int
+    height: int
+    resized: tuple[int, int] | None = None  # (H′, W′) after smart_resize (families with variable spans)
+    min_pixels: int | None = None  # the processor's pixel budget
+    max_pixels: int | None = None
+    tokens: int  # the picture's tokens in a sample, its markers included
+    text_tokens: dict[int, int] = Field(default_factory=dict)  # per length: the rest of the sample
+
+    def line(self) -> str:
+        """One line for under the table."""
+        size = f"{self.width}×{self.height}"
+        if self.resized is not None:
+            height, width = self.resized
+            size += f" → {width}×{height} after smart_resize (min {self.min_pixels:,} / max {self.max_pixels:,} px)"
+        per_length = ", ".join(f"{length} = {self.tokens} + {text}" for length, text in self.text_tokens.items())
+        return f"each sample: one {size} picture = {self.tokens} tokens with its markers; picture + text: {per_length}"
+
+
 class ProfileRatio(BaseModel):
     method: str
     length: int
@@ -112,6 +133,7 @@ class ProfileResult(BaseModel):
     gpu_memory_gib: float | None = None
     gradient_checkpointing: bool = True
     compile: bool = False
+    picture: ProfilePicture | None = None
     cells: list[ProfileCell]
     baseline_cells: list[ProfileCell] = Field(default_factory=list)
     ratios: list[ProfileRatio] = Field(default_factory=list)
@@ -201,10 +223,11 @@ def _models(options: ProfileOptions, scratch: Path) -> dict[str, Path | str]:
         devices = ", ".join(name for f in FAMILIES.values() for name in f.device_presets)
         raise QwenvlError(f"--vocab goes with --preset {devices}", f"Drop --vocab, or profile --preset {devices}")
     if options.on_device and not _gpu():
+        tiny = next(name for name in family.profile_presets if name not in family.device_presets)
         raise QwenvlError(
-            f"--preset {preset} needs a GPU: a 7B model trains at seconds per token on a CPU, and its random "
-            "weights alone are about 19 GB",
-            "Profile on a CUDA machine, or use --preset tiny here",
+            f"--preset {preset} needs a GPU: a model of the official 7B/8B size trains at seconds per token on a "
+            "CPU, and its random weights alone are 16–19 GB",
+            f"Profile on a CUDA machine, or use --preset {tiny} here",
         )
     needed = {"chat": any(m != "lora-base" for m in options.methods), "base": "lora-base" in options.methods}
     chat, base = family.profile_presets[preset]
@@ -214,11 +237,38 @@ def _models(options: ProfileOptions, scratch: Path) -> dict[str, Path | str]:
         vocab = family.tiny_vocabulary(scratch / family.tokenizer_files[0])
     folders: dict[str, Path | str] = {}
     for kind, name in names.items():
-        if needed[kind]:
+        if name is None:
+            folders[kind] = f"{family.title} has no base-model preset: lora-base profiles Qwen-VL (v1) base models"
+        elif needed[kind]:
             # a device preset: config, vocabulary and generation config only; each cell builds random weights
             family.init_model(name, scratch / name, seed=0, vocab=vocab)
             folders[kind] = scratch / name
     return folders
+
+
+def picture_statement(folder: Path, lengths: list[int], scratch: Path) -> ProfilePicture:
+    """The tokens the samples' picture takes in the model at `folder`: one sample encoded with its template."""
+    from PIL import Image
+
+    from .families.base import picture_spans
+    from .train.lengths_data import PICTURE_SIZE
+
+    family = family_for(folder)
+    path = scratch / "picture.png"
+    Image.new("RGB", (PICTURE_SIZE, PICTURE_SIZE), (245, 245, 240)).save(path)
+    template = family.template(family.tokenizer(folder), image_root=scratch)
+    encoded = template.encode([("user", "Picture 1: <img>picture.png</img>\nDescribe this."), ("assistant", "Red.")])
+    tokens = picture_spans(encoded, family.picture_tokens())[0]
+    resized = getattr(template, "resized", None)
+    return ProfilePicture(
+        width=PICTURE_SIZE,
+        height=PICTURE_SIZE,
+        resized=resized("picture.png") if resized else None,
+        min_pixels=getattr(template, "min_pixels", None),
+        max_pixels=getattr(template, "max_pixels", None),
+        tokens=tokens,
+        text_tokens={length: length - tokens for length in lengths},
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -336,6 +386,8 @@ def run_profile(
     recipes = ["qwenvl"] + (["upstream"] if options.baseline == "upstream" else [])
     with tempfile.TemporaryDirectory(prefix="qwenvl-profile-models-") as scratch:
         folders = _models(options, Path(scratch))
+        folder = next((f for f in folders.values() if isinstance(f, Path)), None)
+        picture = picture_statement(folder, options.lengths, Path(scratch)) if folder is not None else None
         device = "cpu"
         if gpu:
             import torch
@@ -353,18 +405,25 @@ def run_profile(
             cells.append(cell)
             emit("done", cell.model_dump())
             if on_result is not None:
-                on_result(_result(options, cells, device, gpu, started))
-    return _result(options, cells, device, gpu, started)
+                on_result(_result(options, cells, device, gpu, started, picture))
+    return _result(options, cells, device, gpu, started, picture)
 
 
-def _result(options: ProfileOptions, cells: list[ProfileCell], device: str, gpu: bool, started: float) -> ProfileResult:
+def _result(
+    options: ProfileOptions,
+    cells: list[ProfileCell],
+    device: str,
+    gpu: bool,
+    started: float,
+    picture: ProfilePicture | None = None,
+) -> ProfileResult:
     notes = []
     if not gpu:
         notes.append("CPU: every method trains in fp32 (no bf16/fp16 mixed precision); memory is the peak RSS")
     if options.on_device:
         notes.append(
             f"{options.preset}: the official sizes with random weights built on the GPU in each cell (NF4 for qlora); "
-            + ("the official vocabulary" if options.vocab else "the built-in vocabulary in the official 151,936 rows")
+            + ("the official vocabulary" if options.vocab else "the built-in vocabulary in the official embedding rows")
         )
     model = str(options.model) if options.model is not None else f"preset {options.preset or 'tiny'}"
     main = [cell for cell in cells if cell.recipe == "qwenvl"]
@@ -400,6 +459,7 @@ def _result(options: ProfileOptions, cells: list[ProfileCell], device: str, gpu:
         gpu_memory_gib=options.gpu_memory_gib,
         gradient_checkpointing=options.gradient_checkpointing,
         compile=options.compile,
+        picture=picture,
         cells=main,
         baseline_cells=baseline,
         ratios=ratios,

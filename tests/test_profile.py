@@ -54,6 +54,8 @@ def test_grid_runs_on_cpu_and_writes_json(grid):
     profile = ProfileResult.model_validate_json((folder / "profile.json").read_text("utf-8"))
     assert profile.device == "cpu" and profile.lengths == [320, 384]
     assert any("fp32" in note for note in profile.notes)
+    assert (profile.picture.tokens, profile.picture.resized) == (258, None)  # v1: 256 queries + 2 markers, any size
+    assert profile.picture.text_tokens == {320: 320 - 258, 384: 384 - 258}
     cells = [(c.method, c.length, c.status) for c in profile.cells]
     assert cells == [("lora-chat", 320, "ok"), ("lora-chat", 384, "ok")]
     for cell in profile.cells + profile.baseline_cells:
@@ -302,3 +304,156 @@ def test_flat_step_times_on_a_gpu_are_called_host_bound():
     cpu = ProfileResult.model_validate_json((results / "profile-cpu-tiny.json").read_text("utf-8"))
     assert profile_service.host_bound_notes(cpu.cells) == []
     assert profile_service.host_bound_notes(h100.cells[:1]) == []  # one length: nothing to compare
+
+
+# -- Qwen2-VL, Qwen2.5-VL, Qwen3-VL --------------------------------------------------------------------------------
+
+
+def test_family_grid_runs_on_cpu_and_states_the_picture_tokens(vl_models, tmp_path):
+    """A tiny Qwen2.5-VL: LoRA and full fine-tuning train for real; lora-base is skipped (no base model); the
+    picture line gives the 224-px picture's size after smart_resize and its tokens, per length."""
+    from qwenvl_cli.families.hf_vl import image_processor, pixel_budget
+    from qwenvl_cli.grounding import smart_resize
+
+    folder = vl_models / "qwen2.5-vl"
+    result = invoke(
+        "--model", str(folder), "--methods", "lora-chat,lora-base,full", "--lengths", "256",
+        "--steps", "1", "--warmup", "1", "--grad-accum", "1", "--threads", "1",
+        "--output", str(tmp_path / "p.json"), "--markdown", str(tmp_path / "p.md"), "--plot", str(tmp_path / "p.png"),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    profile = ProfileResult.model_validate_json((tmp_path / "p.json").read_text("utf-8"))
+    status = {cell.method: (cell.status, cell.reason) for cell in profile.cells}
+    assert status["lora-chat"][0] == "ok", status["lora-chat"][1]
+    assert status["full"][0] == "ok", status["full"][1]
+    assert status["lora-base"][0] == "skipped" and "chat model" in status["lora-base"][1]
+    assert profile.cell("lora-chat", 256).trainable_parameters < profile.cell("full", 256).trainable_parameters
+    patch, merge, low, high = pixel_budget(image_processor(folder))
+    height, width = smart_resize(224, 224, patch * merge, low, high)
+    tokens = height * width // (patch * merge) ** 2 + 2  # <|image_pad|> × n between the two markers
+    picture = profile.picture
+    assert (picture.width, picture.resized, picture.tokens) == (224, (height, width), tokens)
+    assert (height, tokens) == (112, 18)  # the tiny processor's 16-token ceiling shrinks the picture
+    assert picture.text_tokens == {256: 256 - 18}
+    line = "one 224×224 → 112×112 after smart_resize (min 3,136 / max 12,544 px) picture = 18 tokens"
+    assert line in " ".join(result.stdout.split())
+    assert line in (tmp_path / "p.md").read_text("utf-8")
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_family_qlora_cell_is_refused_with_the_family_reason(vl_models, tmp_path, monkeypatch):
+    """Where the family does not train 4-bit, the qlora cell (a real worker process) carries the family's refusal."""
+    monkeypatch.setattr(profile_service, "_bitsandbytes", lambda: True)
+    result = invoke(
+        "--model", str(vl_models / "qwen3-vl"), "--methods", "qlora", "--lengths", "256",
+        "--output", str(tmp_path / "p.json"),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    cell = ProfileResult.model_validate_json((tmp_path / "p.json").read_text("utf-8")).cells[0]
+    assert cell.status == "failed" and "4-bit" in cell.reason  # to change when family Q-LoRA lands
+
+
+OFFICIAL_SIZES = {  # official config.json numbers; parameters: the official checkpoints' totals
+    "qwen2-vl-7b": ("qwen2_vl", 3584, 28, 28, 4, 18944, 152064, 32, 8_291_375_616),
+    "qwen2.5-vl-7b": ("qwen2_5_vl", 3584, 28, 28, 4, 18944, 152064, 32, 8_292_166_656),
+    "qwen3-vl-8b": ("qwen3_vl", 4096, 36, 32, 8, 12288, 151936, 27, 8_767_123_696),
+}
+
+
+@pytest.fixture(scope="module")
+def official_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("official")
+    for preset in OFFICIAL_SIZES:
+        done = runner.invoke(app, ["init-model", "--preset", preset, "--output", str(root / preset)])
+        assert done.exit_code == 0, done.output
+        assert "a GPU builds the random weights" in done.output
+    return root
+
+
+@pytest.mark.parametrize("preset", list(OFFICIAL_SIZES))
+def test_official_size_presets_have_the_official_numbers(official_folders, preset):
+    """init-model writes config only; the skeleton on the meta device has the official parameter count."""
+    from qwenvl_cli.families import family_for
+
+    folder = official_folders / preset
+    assert not list(folder.glob("*.safetensors"))
+    family = family_for(folder)
+    config = family.config(folder)
+    model_type, hidden, layers, heads, kv, intermediate, vocab, depth, parameters = OFFICIAL_SIZES[preset]
+    text = config.text_config
+    assert config.model_type == model_type and family.generation.model_type == model_type
+    got = (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads)
+    assert got == (hidden, layers, heads, kv)
+    assert (text.intermediate_size, text.vocab_size, config.vision_config.depth) == (intermediate, vocab, depth)
+    assert config.tie_word_embeddings is False
+    vision = config.vision_config
+    if model_type == "qwen2_5_vl":
+        assert vision.fullatt_block_indexes == [7, 15, 23, 31] and vision.window_size == 112
+        assert (vision.hidden_size, vision.intermediate_size, vision.out_hidden_size) == (1280, 3420, 3584)
+    if model_type == "qwen3_vl":
+        assert vision.deepstack_visual_indexes == [8, 16, 24] and vision.num_position_embeddings == 2304
+        assert text.rope_parameters["mrope_section"] == [24, 20, 20] and text.head_dim == 128
+    else:
+        assert text.rope_parameters["mrope_section"] == [16, 24, 24]
+    tokenizer = family.tokenizer(folder)
+    assert config.image_token_id == tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    model = family.empty_model(config)
+    assert sum(p.numel() for p in model.parameters()) == parameters
+
+
+@pytest.mark.parametrize(
+    ("preset", "resized", "tokens"),
+    [("qwen2-vl-7b", (224, 224), 66), ("qwen2.5-vl-7b", (224, 224), 66), ("qwen3-vl-8b", (256, 256), 66)],
+)
+def test_official_size_picture_tokens(official_folders, tmp_path, preset, resized, tokens):
+    """The official pixel budgets: 224 px is 8×8 merged patches of 28 px (Qwen2/2.5-VL); Qwen3-VL's 65,536-pixel
+    floor scales it up to 256 px, 8×8 merged patches of 32 px; 64 <|image_pad|> + 2 markers either way."""
+    picture = profile_service.picture_statement(official_folders / preset, [384, 2048], tmp_path)
+    assert (picture.resized, picture.tokens) == (resized, tokens)
+    assert picture.text_tokens == {384: 384 - tokens, 2048: 2048 - tokens}
+
+
+@pytest.mark.parametrize("preset", list(OFFICIAL_SIZES))
+def test_family_7b_presets_without_a_gpu_are_refused(tmp_path, monkeypatch, preset):
+    monkeypatch.setattr(profile_service, "_gpu", lambda: False)
+    result = invoke("--preset", preset, "--output", str(tmp_path / "p.json"))
+    assert result.exit_code == 2
+    assert "needs a GPU" in result.output and "--preset tiny-" in result.output
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_family_7b_preset_on_a_gpu_builds_in_each_cell(tmp_path, monkeypatch):
+    """Each cell gets a config-only folder of the official sizes and builds random weights on the device."""
+    import torch
+
+    monkeypatch.setattr(profile_service, "_gpu", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA H200")
+    seen = []
+
+    def fake_worker(spec):
+        folder = Path(spec["model"])
+        seen.append((spec, json.loads((folder / "config.json").read_text()), sorted(p.name for p in folder.iterdir())))
+        return 1, json.dumps({"status": "oom", "reason": "CUDA out of memory"}), ""
+
+    monkeypatch.setattr(profile_service, "run_worker", fake_worker)
+    result = invoke(
+        "--preset", "qwen2.5-vl-7b", "--methods", "lora-chat,lora-base,qlora", "--lengths", "2048",
+        "--output", str(tmp_path / "p.json"),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert [spec["method"] for spec, *_ in seen] == ["lora", "qlora"]  # lora-base: no base model
+    for spec, config, files in seen:
+        assert spec["random_weights"] is True
+        assert config["text_config"]["hidden_size"] == 3584 and config["text_config"]["vocab_size"] == 152064
+        assert "config.json" in files and not any(name.endswith(".safetensors") for name in files)
+    profile = json.loads((tmp_path / "p.json").read_text())
+    assert [cell["status"] for cell in profile["cells"]] == ["oom", "skipped", "oom"]
+    assert profile["picture"]["tokens"] == 66
+    assert any("qwen2.5-vl-7b: the official sizes" in note for note in profile["notes"])
+
+
+def test_family_7b_init_model_refuses_weights(tmp_path):
+    result = runner.invoke(app, ["init-model", "--preset", "qwen3-vl-8b", "--weights", "--output", str(tmp_path / "m")])
+    assert result.exit_code == 2
+    assert "--weights with --preset qwen3-vl-8b" in " ".join(result.output.split())
+    assert not (tmp_path / "m").exists()

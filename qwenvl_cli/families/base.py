@@ -24,8 +24,8 @@ class ModelFamily(ABC):
     model_types: ClassVar[tuple[str, ...]]  # config.json `model_type` values this family loads
     presets: ClassVar[dict[str, str]]  # init-model preset → one line of what it is
     base_presets: ClassVar[tuple[str, ...]] = ()  # the presets that are base (non-chat) models
-    # `qwenvl profile --preset P`: P → (the chat model's preset, the base model's preset)
-    profile_presets: ClassVar[dict[str, tuple[str, str]]] = {}
+    # `qwenvl profile --preset P`: P → (the chat model's preset, the base model's preset or None: none exists)
+    profile_presets: ClassVar[dict[str, tuple[str, str | None]]] = {}
     # presets too large to write: profile builds their random weights on the GPU in each cell
     device_presets: ClassVar[tuple[str, ...]] = ()
     lora_targets: ClassVar[tuple[str, ...]]  # default LoRA target modules of the language model
@@ -171,8 +171,9 @@ class ModelFamily(ABC):
     def init_model(self, preset: str, output: Path, **options: Any) -> dict[str, Any]: ...
 
     @abstractmethod
-    def tiny_vocabulary(self, path: Path) -> Path:
-        """Write the built-in tiny vocabulary to `path` (profile's 7B preset without --vocab)."""
+    def tiny_vocabulary(self, path: Path) -> Path | None:
+        """Write the built-in tiny vocabulary to `path` for profile's 7B preset without --vocab; None where the
+        family's presets write their own vocabulary and `init_model` takes none."""
         ...
 
 

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 from ..errors import QwenvlError
 from .base import ModelFamily, read_json_object
+from .hf_vl_presets import OFFICIAL, presets_of, profile_presets_of, write_official
 
 IGNORE_INDEX = -100
 # The files of a folder that make its processor (tokenizer, chat template, image processor settings)
@@ -424,7 +425,12 @@ class HFVisionFamily(ModelFamily):
         gen = cls.generation
         cls.name, cls.title, cls.model_types = gen.name, gen.title, (gen.model_type,)
         cls.default_system = gen.default_system
-        cls.presets = {gen.preset: f"tiny random {gen.title} (transformers' own classes) for tests and demos"}
+        cls.presets = {
+            gen.preset: f"tiny random {gen.title} (transformers' own classes) for tests and demos",
+            **presets_of(gen.model_type),
+        }
+        cls.profile_presets = profile_presets_of(gen.model_type)
+        cls.device_presets = tuple(presets_of(gen.model_type))
 
     # -- reading a folder ------------------------------------------------------------------------------------
     def config(self, folder: Path):
@@ -652,6 +658,15 @@ class HFVisionFamily(ModelFamily):
             raise QwenvlError(
                 f"--vocab is a qwen.tiktoken of Qwen-VL (v1); {preset} has its own tiny vocabulary", "Drop --vocab"
             )
+        if preset in OFFICIAL:
+            return write_official(
+                self,
+                image_only_processor_class(self.generation.processor_class),
+                preset,
+                Path(output),
+                force=options.get("force", False),
+                weights=options.get("weights"),
+            )
         return write_tiny(
             self,
             image_only_processor_class(self.generation.processor_class),
@@ -662,8 +677,8 @@ class HFVisionFamily(ModelFamily):
             weights=options.get("weights"),
         )
 
-    def tiny_vocabulary(self, path: Path) -> Path:
-        raise QwenvlError(f"{self.title} has no profile presets yet", "Profile a Qwen-VL (v1) preset")
+    def tiny_vocabulary(self, path: Path) -> Path | None:
+        return None  # every preset writes its own tiny vocabulary (init_model takes no --vocab)
 
 
 def _unwrap(model):

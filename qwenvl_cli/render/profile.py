@@ -89,6 +89,8 @@ def render_profile(result: ProfileResult, console: Console) -> None:
             row.append(text)
         table.add_row(*row)
     console.print(table)
+    if result.picture is not None:
+        console.print(escape(result.picture.line()))
     if result.ratios:
         ratios = Table(title="against --recipe upstream (qwenvl ÷ upstream; below 1 is better)")
         ratios.add_column("method")
@@ -124,6 +126,8 @@ def profile_markdown(result: ProfileResult) -> str:
     for method in result.methods:
         cells = [result.cell(method, length) for length in result.lengths]
         lines.append(f"| {method} | " + " | ".join(cell_text(c) + _fits(c) for c in cells) + " |")
+    if result.picture is not None:
+        lines += ["", result.picture.line() + "."]
     if result.ratios:
         lines += ["", "Against `--recipe upstream` (qwenvl ÷ upstream; below 1 is better):", ""]
         lines += ["| method | length | s/it | memory |", "|---|---|---|---|"]

@@ -11,6 +11,7 @@ import json
 import random
 from pathlib import Path
 
+PICTURE_SIZE = 224  # each sample's picture is PICTURE_SIZE × PICTURE_SIZE pixels (`qwenvl profile` states its tokens)
 WORDS = [
     "the",
     "red",
@@ -41,13 +42,13 @@ def make_data(folder: Path, model_dir: Path, lengths: list[int], seed: int) -> l
     from qwenvl_cli.families import family_for
 
     family = family_for(model_dir)
-    template = family.template(family.tokenizer(model_dir))
+    template = family.template(family.tokenizer(model_dir), image_root=folder)  # pictures relative to data.json
     rng = random.Random(seed)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     samples, made = [], []
     for index, target in enumerate(lengths):
         picture = f"images/{index:05d}.png"
-        image = Image.new("RGB", (224, 224), (245, 245, 240))
+        image = Image.new("RGB", (PICTURE_SIZE, PICTURE_SIZE), (245, 245, 240))
         left, top = rng.randint(0, 150), rng.randint(0, 150)
         ImageDraw.Draw(image).rectangle((left, top, left + 60, top + 60), fill=(220, 40, 40))
         image.save(folder / picture)
