@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..errors import QwenvlError
+
 
 class ModelFamily(ABC):
     """One generation of Qwen vision-language models; a subclass implements every abstract method."""
@@ -88,6 +90,24 @@ class ModelFamily(ABC):
         picture spans depend on the picture's size open the pictures (relative paths under `image_root`) and
         give each encoded conversation `image_lengths`, the tokens of each picture, markers included."""
         ...
+
+    def picture_pixels(
+        self, folder: Path, min_pixels: int | None, max_pixels: int | None, max_length: int
+    ) -> tuple[int, int] | None:
+        """`qwenvl train --min-pixels/--max-pixels`: the run's (min, max) pixels of a picture, validated and
+        rounded, or None for the folder's own. Families that resize every picture to one size refuse them; those
+        that take them accept `pixels=` (and `max_length=`) in `template` and `training_dataset`."""
+        if min_pixels is None and max_pixels is None:
+            return None
+        raise QwenvlError(
+            f"{self.title} resizes every picture to one fixed size, so --min-pixels/--max-pixels have nothing to "
+            "bound (they set the picture sizes of Qwen2-VL, Qwen2.5-VL and Qwen3-VL)",
+            "Drop --min-pixels and --max-pixels",
+        )
+
+    def record_pixels(self, folder: Path, pixels: tuple[int, int]) -> None:
+        """Write a run's picture bounds into the processor files of a trained folder (families that take them)."""
+        raise NotImplementedError
 
     @abstractmethod
     def picture_tokens(self) -> int:

@@ -143,14 +143,19 @@ def image_only_processor_class(official: str) -> type:
 
 
 @functools.lru_cache(maxsize=16)
-def _image_processor_cached(folder: str, stamp: float):
+def _image_processor_cached(folder: str, stamp: float, pixels: tuple[int, int] | None = None):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    return Qwen2VLImageProcessorPil.from_pretrained(folder)
+    if pixels is None:
+        return Qwen2VLImageProcessorPil.from_pretrained(folder)
+    return Qwen2VLImageProcessorPil.from_pretrained(
+        folder, size={"shortest_edge": pixels[0], "longest_edge": pixels[1]}
+    )
 
 
-def image_processor(folder: str | Path):
-    """The folder's image processor (the PIL backend: no torchvision), cached per folder and file version."""
+def image_processor(folder: str | Path, pixels: tuple[int, int] | None = None):
+    """The folder's image processor (the PIL backend: no torchvision), cached per folder and file version;
+    `pixels` = (min_pixels, max_pixels) replaces the folder's bounds (`qwenvl train --min-pixels/--max-pixels`)."""
     found = [Path(folder) / name for name in ("preprocessor_config.json", "processor_config.json")]
     found = [path for path in found if path.is_file()]
     if not found:
@@ -159,7 +164,8 @@ def image_processor(folder: str | Path):
             "in tokens is unknown",
             "Copy preprocessor_config.json from the model's original files",
         )
-    return _image_processor_cached(str(Path(folder).resolve()), max(path.stat().st_mtime for path in found))
+    stamp = max(path.stat().st_mtime for path in found)
+    return _image_processor_cached(str(Path(folder).resolve()), stamp, tuple(pixels) if pixels else None)
 
 
 def pixel_budget(processor) -> tuple[int, int, int, int]:
@@ -188,12 +194,22 @@ class EncodedPictures:
 class VisionTemplate:
     """ChatML with pictures expanded to their token count and boxes in the family's convention."""
 
-    def __init__(self, generation: Generation, tokenizer, system: str, folder: Path, image_root: Path | None):
+    def __init__(
+        self,
+        generation: Generation,
+        tokenizer,
+        system: str,
+        folder: Path,
+        image_root: Path | None,
+        pixels: tuple[int, int] | None = None,
+        max_length: int | None = None,
+    ):
         self.generation = generation
         self.tokenizer = tokenizer
         self.system = system
         self.image_root = image_root
-        self.patch, self.merge, self.min_pixels, self.max_pixels = pixel_budget(image_processor(folder))
+        self.patch, self.merge, self.min_pixels, self.max_pixels = pixel_budget(image_processor(folder, pixels))
+        self.max_length = max_length  # a picture longer than this (markers included) is refused by name
         ids = tokenizer.convert_tokens_to_ids
         self.im_start, self.im_end = ids("<|im_start|>"), ids("<|im_end|>")
         self.vision_start, self.vision_end, self.image_pad = (
@@ -222,7 +238,15 @@ class VisionTemplate:
     def picture_tokens(self, path: str) -> int:
         """`<|image_pad|>` tokens of one picture (the markers not included)."""
         height, width = self.resized(path)
-        return (height // self.patch) * (width // self.patch) // self.merge**2
+        count = (height // self.patch) * (width // self.patch) // self.merge**2
+        if self.max_length is not None and count + 2 > self.max_length:
+            raise QwenvlError(
+                f"picture {path} takes {count + 2} tokens ({width}×{height} after resizing to at most "
+                f"{self.max_pixels:,} pixels, markers included), more than --max-length {self.max_length}",
+                f"Lower --max-pixels (each {(self.patch * self.merge) ** 2} pixels are one token) or raise "
+                "--max-length",
+            )
+        return count
 
     def _box_text(self, raw: str, label: str | None, picture: str | None) -> str:
         from ..grounding import clamp_relative, json_box, relative_to_absolute, special_token_box
@@ -316,11 +340,19 @@ class PictureDataset:
     """Encoded conversations → input_ids, labels, mm_token_type_ids, and the pictures' flattened patches and
     grids (read and preprocessed when an item is fetched)."""
 
-    def __init__(self, samples: list, folder: Path, image_root: Path | None, image_pad: int):
+    def __init__(
+        self,
+        samples: list,
+        folder: Path,
+        image_root: Path | None,
+        image_pad: int,
+        pixels: tuple[int, int] | None = None,
+    ):
         self.samples = samples
         self.folder = folder
         self.image_root = image_root
         self.image_pad = image_pad
+        self.pixels = pixels  # the run's (min_pixels, max_pixels), the template's too
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -340,7 +372,7 @@ class PictureDataset:
             "image_grid_thw": None,
         }
         if encoded.image_paths:
-            processor = image_processor(self.folder)
+            processor = image_processor(self.folder, self.pixels)
             pictures = [load_image(path, self.image_root).convert("RGB") for path in encoded.image_paths]
             features = processor(images=pictures, return_tensors="pt")
             grid = features["image_grid_thw"]
@@ -514,14 +546,70 @@ class HFVisionFamily(ModelFamily):
             return AutoModelForImageTextToText.from_config(config)
 
     # -- text and pictures -----------------------------------------------------------------------------------
-    def template(self, tokenizer, system: str | None = None, image_root: Path | None = None):
+    def template(
+        self,
+        tokenizer,
+        system: str | None = None,
+        image_root: Path | None = None,
+        pixels: tuple[int, int] | None = None,
+        max_length: int | None = None,
+    ):
         return VisionTemplate(
             self.generation,
             tokenizer,
             self.default_system if system is None else system,
             _folder_of(tokenizer),
             image_root,
+            pixels,
+            max_length,
         )
+
+    def picture_pixels(
+        self, folder: Path, min_pixels: int | None, max_pixels: int | None, max_length: int
+    ) -> tuple[int, int] | None:
+        """(min_pixels, max_pixels) of a run: the folder's, replaced by the given ones rounded to whole tokens
+        (min up, max down, to multiples of (patch·merge)²); None when neither is given."""
+        if min_pixels is None and max_pixels is None:
+            return None
+        patch, merge, folder_min, folder_max = pixel_budget(image_processor(folder))
+        unit = (patch * merge) ** 2  # the pixels of one merged token
+        low = -(-(folder_min if min_pixels is None else min_pixels) // unit) * unit
+        high = (folder_max if max_pixels is None else max_pixels) // unit * unit
+        if high < unit:
+            raise QwenvlError(
+                f"--max-pixels {max_pixels} is less than one token of {self.title} ({unit} pixels: ({patch}·{merge})²)",
+                f"Give --max-pixels of at least {unit}",
+            )
+        if low > high:
+            raise QwenvlError(
+                f"--min-pixels ({low:,} rounded up to whole {unit}-pixel tokens) is more than --max-pixels "
+                f"({high:,} rounded down); the folder's own bounds are {folder_min:,} … {folder_max:,}",
+                "Give --min-pixels ≤ --max-pixels",
+            )
+        if low // unit + 2 > max_length:
+            raise QwenvlError(
+                f"with --min-pixels {low:,} every picture takes at least {low // unit + 2} tokens (markers "
+                f"included), more than --max-length {max_length}",
+                "Lower --min-pixels or raise --max-length",
+            )
+        return low, high
+
+    def record_pixels(self, folder: Path, pixels: tuple[int, int]) -> None:
+        """Write a run's (min_pixels, max_pixels) into the processor files copied into `folder`, so that the
+        trained folder's processor makes the pictures it was trained on."""
+        for name in ("preprocessor_config.json", "processor_config.json"):
+            path = Path(folder) / name
+            if not path.is_file():
+                continue
+            settings = json.loads(path.read_text("utf-8"))
+            image = settings.get("image_processor", settings) if name == "processor_config.json" else settings
+            if name == "processor_config.json" and "image_processor" not in settings:
+                continue
+            image["size"] = {**(image.get("size") or {}), "shortest_edge": pixels[0], "longest_edge": pixels[1]}
+            for key, value in (("min_pixels", pixels[0]), ("max_pixels", pixels[1])):
+                if key in image:  # older files: these win over size when the processor is made
+                    image[key] = value
+            path.write_text(json.dumps(settings, indent=2) + "\n", "utf-8")
 
     def picture_tokens(self) -> int:
         """The most tokens a picture can take is the processor's max_pixels; this seam's fixed count is unused
@@ -543,7 +631,13 @@ class HFVisionFamily(ModelFamily):
 
     # -- training --------------------------------------------------------------------------------------------
     def training_dataset(
-        self, samples: Sequence[Any], config, image_root: Path, max_length: int, rows: list | None = None
+        self,
+        samples: Sequence[Any],
+        config,
+        image_root: Path,
+        max_length: int,
+        rows: list | None = None,
+        pixels: tuple[int, int] | None = None,
     ):
         if rows is not None:
             raise QwenvlError(
@@ -554,7 +648,7 @@ class HFVisionFamily(ModelFamily):
         pad = read_json_object(folder / "config.json").get("image_token_id")
         if pad is None:
             pad = getattr(config, "image_token_id", None)
-        return PictureDataset(list(samples), folder, image_root, int(pad))
+        return PictureDataset(list(samples), folder, image_root, int(pad), pixels)
 
     def collator(self, tokenizer, pad_to: int | None = None):
         return PictureCollator(tokenizer.convert_tokens_to_ids("<|endoftext|>"), pad_to=pad_to)

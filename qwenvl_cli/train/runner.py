@@ -94,7 +94,10 @@ def _run_training(options: TrainOptions, on_event: EventHook | None) -> TrainRes
     check_trackers(options.report_to)
     tokenizer = family.tokenizer(model_dir)
     image_root = options.image_root or Path(options.data).resolve().parent
-    template = family.template(tokenizer, image_root=image_root)
+    pixels = family.picture_pixels(model_dir, options.min_pixels, options.max_pixels, options.max_length)
+    # the picture bounds go to the families that take them (v1 refuses them in picture_pixels)
+    sized = {"pixels": pixels, "max_length": options.max_length} if pixels else {}
+    template = family.template(tokenizer, image_root=image_root, **sized)
     picture_tokens = family.picture_tokens()
     prepared = prepare_samples(
         options.data, template, options.max_length, picture_tokens, image_root, options.skip_invalid
@@ -105,7 +108,7 @@ def _run_training(options: TrainOptions, on_event: EventHook | None) -> TrainRes
         evaluation = (
             prepare_samples(
                 options.eval_data,
-                family.template(tokenizer, image_root=eval_root),
+                family.template(tokenizer, image_root=eval_root, **sized),
                 options.max_length,
                 picture_tokens,
                 eval_root,
@@ -174,7 +177,7 @@ def _run_training(options: TrainOptions, on_event: EventHook | None) -> TrainRes
             model.enable_input_require_grads()
     if options.compile:
         compile_blocks(model, family)
-    setup = RunSetup(options, family, rules, model_dir, config, tokenizer, generation, quant)
+    setup = RunSetup(options, family, rules, model_dir, config, tokenizer, generation, quant, pixels)
     # the trackers read their settings when the Trainer makes its callbacks and when training starts
     with tracker_environment(options.report_to, output):
         trainer = build_trainer(model, setup, prepared.samples, image_root, emit, evaluation, result)

@@ -136,12 +136,13 @@ def build_trainer(model, setup: RunSetup, samples, image_root: Path, emit, evalu
         eval_steps=options.eval_every,
         per_device_eval_batch_size=options.batch_size,
     )
+    sized = {"pixels": setup.pixels} if setup.pixels else {}  # --min-pixels/--max-pixels (Qwen2-VL and later)
     collator = family.collator(tokenizer, pad_to=options.max_length if options.recipe == "upstream" else None)
     trainer = QwenVLTrainer(
         model=model,
         args=arguments,
-        train_dataset=family.training_dataset(samples, config, image_root, options.max_length, rows),
-        eval_dataset=family.training_dataset(evaluation[0].samples, config, evaluation[1], options.max_length)
+        train_dataset=family.training_dataset(samples, config, image_root, options.max_length, rows, **sized),
+        eval_dataset=family.training_dataset(evaluation[0].samples, config, evaluation[1], options.max_length, **sized)
         if evaluation is not None
         else None,
         data_collator=collator,

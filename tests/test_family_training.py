@@ -1,0 +1,148 @@
+"""Training features of Qwen2-VL, Qwen2.5-VL and Qwen3-VL beyond the plain run (tests/test_families.py):
+--min-pixels/--max-pixels (one bound for the template's picture spans, the image processor's patches and
+Qwen2.5-VL's pixel boxes, recorded in the run folder)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from qwenvl_cli.demo import DEMO_DATA
+from qwenvl_cli.errors import QwenvlError
+from qwenvl_cli.families import family_for
+from qwenvl_cli.families.hf_vl import PictureDataset, image_processor, pixel_budget
+
+NEW = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+TURNS = [
+    ("user", "Picture 1: <img>wide.png</img>\nWhere is it?"),
+    ("assistant", "<ref>it</ref><box>(0,0),(500,500)</box>"),
+]
+
+
+# -- --min-pixels / --max-pixels -------------------------------------------------------------------------------------
+def test_pixel_bounds_are_rounded_to_whole_tokens_and_checked(vl_models):
+    family = family_for(vl_models / "qwen2-vl")  # 14-pixel patches merged 2×2: a token is 28² = 784 pixels
+    folder = vl_models / "qwen2-vl"
+    assert family.picture_pixels(folder, None, None, 64) is None
+    folder_min, folder_max = pixel_budget(image_processor(folder))[2:]
+    assert family.picture_pixels(folder, None, 5000, 64) == (folder_min, 6 * 784)  # max rounded down
+    assert family.picture_pixels(folder, 1000, 5000, 64) == (2 * 784, 6 * 784)  # min rounded up
+    assert family.picture_pixels(folder, 784, None, 64) == (784, folder_max)
+    with pytest.raises(QwenvlError, match="less than one token"):
+        family.picture_pixels(folder, None, 700, 64)
+    with pytest.raises(QwenvlError, match=r"--min-pixels .* is more than --max-pixels"):
+        family.picture_pixels(folder, 4000, 3200, 64)  # 4000 → 4704 > 3136
+    with pytest.raises(QwenvlError, match=r"at least 22 tokens .* more than --max-length 20"):
+        family.picture_pixels(folder, 20 * 784, 30 * 784, 20)
+    qwen3 = family_for(vl_models / "qwen3-vl")  # 16-pixel patches: 32² = 1024 pixels a token
+    assert qwen3.picture_pixels(vl_models / "qwen3-vl", 1024, 3000, 64) == (1024, 2048)
+
+
+def test_pixel_bounds_are_refused_for_qwen_vl_v1(models):
+    family = family_for(models / "tiny")
+    assert family.picture_pixels(models / "tiny", None, None, 64) is None
+    with pytest.raises(QwenvlError, match="one fixed size") as refused:
+        family.picture_pixels(models / "tiny", None, 100_000, 64)
+    assert "Drop --min-pixels and --max-pixels" in refused.value.fix
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_the_template_the_processor_and_the_boxes_follow_the_run_bounds(vl_models, tmp_path, name):
+    Image.new("RGB", (600, 300), (10, 200, 30)).save(tmp_path / "wide.png")
+    folder = vl_models / name
+    family = family_for(folder)
+    tokenizer = family.tokenizer(folder)
+    patch, merge, _, _ = pixel_budget(image_processor(folder))
+    unit = (patch * merge) ** 2
+    default = family.template(tokenizer, image_root=tmp_path).encode(TURNS)
+    for tokens in (2, 8, 32):
+        pixels = family.picture_pixels(folder, unit, tokens * unit, 4096)
+        template = family.template(tokenizer, image_root=tmp_path, pixels=pixels, max_length=4096)
+        encoded = template.encode(TURNS)
+        # the pad count follows the bound: at most `tokens`, and what transformers' processor makes of it
+        assert encoded.image_lengths[0] - 2 <= tokens
+        official = family.load_processor(folder)
+        official.image_processor = image_processor(folder, pixels)
+        picture = Image.open(tmp_path / "wide.png").convert("RGB")
+        made = official(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[picture])
+        assert encoded.image_lengths[0] - 2 == made["input_ids"][0].count(official.image_token_id)
+        # the dataset's patches agree with the spans (PictureDataset raises when they do not)
+        pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        item = PictureDataset([encoded], folder, tmp_path, pad, pixels)[0]
+        assert int(item["image_grid_thw"].prod()) // merge**2 == encoded.image_lengths[0] - 2
+        assert int(item["mm_token_type_ids"].sum()) == encoded.image_lengths[0] - 2
+        learned = zip(encoded.input_ids, encoded.labels, strict=True)
+        answer = tokenizer.decode([i for i, label in learned if label != -100])
+        if name == "qwen2.5-vl":  # absolute pixels of the resized picture: (500,500) of 1000 is its middle
+            height, width = template.resized("wide.png")
+            assert f'"bbox_2d": [0, 0, {round(width / 2)}, {round(height / 2)}]' in answer
+        else:  # relative coordinates do not depend on the size
+            assert answer == tokenizer.decode(
+                [i for i, label in zip(default.input_ids, default.labels, strict=True) if label != -100]
+            )
+    # a picture that cannot fit --max-length is named
+    pixels = family.picture_pixels(folder, unit, 32 * unit, 4096)
+    with pytest.raises(QwenvlError, match=r"picture wide\.png takes \d+ tokens .* more than --max-length 12"):
+        family.template(tokenizer, image_root=tmp_path, pixels=pixels, max_length=12).encode(TURNS)
+
+
+def test_a_run_with_max_pixels_trains_and_records_the_bounds_in_its_processor_files(vl_models, tmp_path):
+    from qwenvl_cli.train.options import TrainOptions
+    from qwenvl_cli.train.runner import run_training
+
+    folder = vl_models / "qwen2.5-vl"
+    out = tmp_path / "run"
+    options = TrainOptions(
+        model=folder,
+        data=DEMO_DATA,
+        output=out,
+        max_steps=1,
+        grad_accum=1,
+        lora_r=4,
+        min_pixels=2 * 784,
+        max_pixels=9 * 784 + 100,
+        save_steps=1,
+    )
+    result = run_training(options)
+    assert result.global_step == 1
+    saved = json.loads((out / "preprocessor_config.json").read_text())
+    assert saved["size"] == {"shortest_edge": 2 * 784, "longest_edge": 9 * 784}
+    bundled = json.loads((out / "processor_config.json").read_text())["image_processor"]
+    assert bundled["size"] == saved["size"]
+    assert pixel_budget(image_processor(out))[2:] == (2 * 784, 9 * 784)
+    # the base folder is untouched
+    assert json.loads((folder / "preprocessor_config.json").read_text())["size"]["longest_edge"] != 9 * 784
+    manifest = json.loads((out / "qwenvl_run.json").read_text())
+    assert manifest["arguments"]["max_pixels"] == 9 * 784 + 100
+
+
+def test_the_cli_refuses_pixel_bounds_for_qwen_vl_v1(models, tmp_path):
+    from typer.testing import CliRunner
+
+    from qwenvl_cli.cli import app
+
+    result = CliRunner().invoke(
+        app,
+        ["train", "--model", str(models / "tiny"), "--max-pixels", "200000", "--dry-run", "-o", str(tmp_path / "r")],
+        env={"COLUMNS": "200", "NO_COLOR": "1"},
+    )
+    assert result.exit_code != 0
+    assert "one fixed size" in result.output
+    help_text = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"}).output
+    assert "--min-pixels" in help_text and "--max-pixels" in help_text
+
+
+def test_record_pixels_updates_older_min_max_keys(vl_models, tmp_path):
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    settings = json.loads((vl_models / "qwen2-vl" / "preprocessor_config.json").read_text())
+    settings |= {"min_pixels": 1, "max_pixels": 2}  # the official Qwen2-VL files carry these beside size
+    (folder / "preprocessor_config.json").write_text(json.dumps(settings))
+    family_for(vl_models / "qwen2-vl").record_pixels(folder, (784, 7840))
+    written = json.loads((folder / "preprocessor_config.json").read_text())
+    assert (written["min_pixels"], written["max_pixels"]) == (784, 7840)
+    assert written["size"] == {"shortest_edge": 784, "longest_edge": 7840}
+    assert not Path(folder / "processor_config.json").exists()
