@@ -359,6 +359,24 @@ def train_command(
         ),
     ] = None,
     train_vit: Annotated[bool, typer.Option(help="full: also train the ViT.")] = False,
+    vision_lr: Annotated[
+        float | None,
+        typer.Option(
+            help="Learning rate of the vision tower (default: --lr). full: implies --train-vit; LoRA: of the "
+            "adapters that --lora-targets puts in the vision tower (none by default: refused).",
+            min=0.0,
+            show_default=False,
+        ),
+    ] = None,
+    merger_lr: Annotated[
+        float | None,
+        typer.Option(
+            help="Learning rate of the merger, the vision→LM projection (Qwen3-VL: with deepstack_merger_list; "
+            "Qwen-VL: the resampler attn_pool; default: --lr). LoRA: of adapters placed there.",
+            min=0.0,
+            show_default=False,
+        ),
+    ] = None,
     min_pixels: Annotated[
         int | None,
         typer.Option(

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from qwenvl_cli.demo import DEMO_DATA
@@ -146,3 +147,109 @@ def test_record_pixels_updates_older_min_max_keys(vl_models, tmp_path):
     assert (written["min_pixels"], written["max_pixels"]) == (784, 7840)
     assert written["size"] == {"shortest_edge": 784, "longest_edge": 7840}
     assert not Path(folder / "processor_config.json").exists()
+
+
+# -- --vision-lr / --merger-lr -----------------------------------------------------------------------------------------
+def test_each_parameter_is_language_vision_or_merger(vl_models, models):
+    from transformers import AutoModelForImageTextToText
+
+    for name in NEW:
+        model = AutoModelForImageTextToText.from_pretrained(vl_models / name)
+        family = family_for(vl_models / name)
+        parts = {n: family.parameter_part(n) for n, _ in model.named_parameters()}
+        assert all(part == "vision" for n, part in parts.items() if ".visual.blocks." in n)
+        assert all(part == "merger" for n, part in parts.items() if ".visual.merger." in n)
+        assert all(part == "language" for n, part in parts.items() if "language_model" in n or "lm_head" in n)
+        assert {"language", "vision", "merger"} == set(parts.values())
+        if name == "qwen3-vl":
+            deepstack = [n for n in parts if "deepstack_merger_list" in n]
+            assert deepstack and all(parts[n] == "merger" for n in deepstack)
+        # PEFT's names keep the parts
+        assert family.parameter_part("base_model.model.model.visual.merger.mlp.0.lora_A.default.weight") == "merger"
+    v1 = family_for(models / "tiny")
+    assert v1.parameter_part("transformer.visual.attn_pool.kv_proj.weight") == "merger"
+    assert v1.parameter_part("transformer.visual.transformer.resblocks.0.attn.in_proj.weight") == "vision"
+    assert v1.parameter_part("transformer.h.0.attn.c_attn.weight") == "language"
+
+
+def test_optimizer_groups_carry_each_parts_rate_and_leave_frozen_parts_out(vl_models):
+    from transformers import AutoModelForImageTextToText
+
+    from qwenvl_cli.train.method import parameter_groups
+    from qwenvl_cli.train.options import TrainOptions
+
+    family = family_for(vl_models / "qwen3-vl")
+    model = AutoModelForImageTextToText.from_pretrained(vl_models / "qwen3-vl")
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {n for n in names.values() if n.endswith("weight") and "norm" not in n}
+    options = TrainOptions(method="full", vision_lr=1e-6, merger_lr=3e-5, weight_decay=0.1)
+    for train_vision in (False, True):
+        family.prepare_full(model, train_vision=train_vision)
+        groups = parameter_groups(model, family, options, 1e-4, decay)
+        rates = {group["part"]: group["lr"] for group in groups}
+        expected = {"language": 1e-4, "merger": 3e-5} | ({"vision": 1e-6} if train_vision else {})
+        assert rates == expected
+        grouped = [names[id(p)] for group in groups for p in group["params"]]
+        assert len(grouped) == len(set(grouped))
+        assert set(grouped) == {n for n, p in model.named_parameters() if p.requires_grad}
+        assert train_vision == any(".visual.blocks." in n for n in grouped)
+        # deepstack_merger_list counts as merger, and trains with the vision tower (the official default, §6)
+        deepstack = [g["part"] for g in groups for p in g["params"] if "deepstack_merger_list" in names[id(p)]]
+        assert deepstack == (["merger"] * len(deepstack) if train_vision else [])
+        assert not train_vision or deepstack
+        for group in groups:
+            assert all(family.parameter_part(names[id(p)]) == group["part"] for p in group["params"])
+            assert group["weight_decay"] == (0.1 if names[id(group["params"][0])] in decay else 0.0)
+    # without the flags every part has --lr
+    plain = parameter_groups(model, family, TrainOptions(method="full"), 2e-4, decay)
+    assert {group["lr"] for group in plain} == {2e-4}
+
+
+def test_a_full_run_trains_each_part_at_its_rate(vl_models, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from qwenvl_cli.train.options import TrainOptions
+    from qwenvl_cli.train.runner import run_training
+
+    folder = vl_models / "qwen2-vl"
+    out = tmp_path / "run"
+    options = TrainOptions(
+        method="full",
+        model=folder,
+        data=DEMO_DATA,
+        output=out,
+        max_steps=2,
+        grad_accum=1,
+        lr=1e-2,
+        vision_lr=1e-2,  # implies --train-vit
+        merger_lr=0.0,  # the merger trains at rate 0: it must not move
+        lr_scheduler="constant",
+        save_steps=2,
+    )
+    result = run_training(options)
+    assert any("--vision-lr" in note for note in result.notes)
+    base = AutoModelForImageTextToText.from_pretrained(folder).state_dict()
+    trained = AutoModelForImageTextToText.from_pretrained(out).state_dict()
+    moved = {key for key, value in trained.items() if not torch.equal(value, base[key])}
+    assert any(".visual.blocks." in key for key in moved)
+    assert any("language_model" in key for key in moved)
+    assert not any(".visual.merger." in key for key in moved)
+
+
+def test_part_rates_without_a_trainable_part_are_refused(vl_models, models, tmp_path):
+    from qwenvl_cli.train.options import TrainOptions
+    from qwenvl_cli.train.runner import run_training
+
+    for folder in (vl_models / "qwen2.5-vl", models / "tiny"):
+        for flag in ("vision_lr", "merger_lr"):
+            options = TrainOptions(
+                method="lora", model=folder, data=DEMO_DATA, output=tmp_path / "r", dry_run=True, **{flag: 1e-5}
+            )
+            with pytest.raises(QwenvlError, match=f"--{flag.replace('_', '-')} sets the learning rate") as refused:
+                run_training(options)
+            assert "--lora-targets" in refused.value.fix
+    # v1's merger is its resampler: full fine-tuning trains it, so --merger-lr is taken
+    options = TrainOptions(
+        method="full", model=models / "tiny", data=DEMO_DATA, output=tmp_path / "v1", dry_run=True, merger_lr=1e-5
+    )
+    assert run_training(options).dry_run

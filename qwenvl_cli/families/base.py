@@ -136,6 +136,18 @@ class ModelFamily(ABC):
     @abstractmethod
     def collator(self, tokenizer: Any, pad_to: int | None = None) -> Any: ...
 
+    # where --vision-lr and --merger-lr apply: a parameter name containing `vision_module` is the vision
+    # tower's, and the merger's (the vision→LM projection) when it also contains one of `merger_modules`
+    vision_module: ClassVar[str] = ".visual."
+    merger_modules: ClassVar[tuple[str, ...]] = ()
+
+    def parameter_part(self, name: str) -> str:
+        """ "vision", "merger" or "language" (everything else) for a parameter name (PEFT-wrapped names too)."""
+        dotted = f".{name}."
+        if self.vision_module not in dotted:
+            return "language"
+        return "merger" if any(f".{module}." in dotted for module in self.merger_modules) else "vision"
+
     @abstractmethod
     def prepare_full(self, model: Any, train_vision: bool) -> None:
         """Set requires_grad for full fine-tuning."""

@@ -446,6 +446,7 @@ class HFVisionFamily(ModelFamily):
     generation: ClassVar[Generation]
     lora_targets: ClassVar[tuple[str, ...]] = (LM_LORA_REGEX,)
     base_modules_to_save: ClassVar[tuple[str, ...]] = ()
+    merger_modules: ClassVar[tuple[str, ...]] = ("merger", "deepstack_merger_list")  # Qwen3-VL has both
     tokenizer_files: ClassVar[tuple[str, ...]] = PROCESSOR_FILES
     full_summary: ClassVar[str] = (
         "all LM weights, lm_head and the vision merger; the vision tower stays frozen unless --train-vit"

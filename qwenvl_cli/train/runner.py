@@ -33,7 +33,7 @@ from .engines import (
     single_process_group,
 )
 from .launch import world
-from .method import apply_method, count_parameters, load_model, quantisation, weights_gib
+from .method import apply_method, check_part_rates, count_parameters, load_model, quantisation, weights_gib
 from .options import EventHook, RunSetup, TrainOptions, TrainResult
 from .placement import compile_blocks
 from .presets import resolve_rules
@@ -65,6 +65,9 @@ def _run_training(options: TrainOptions, on_event: EventHook | None) -> TrainRes
     family = family_for(model_dir)
     if options.lora_targets is None:
         options = options.model_copy(update={"lora_targets": list(family.lora_targets)})
+    vit_implied = options.vision_lr is not None and options.method == "full" and not options.train_vit
+    if vit_implied:  # a learning rate for the vision tower means training it
+        options = options.model_copy(update={"train_vit": True})
     config = family.config(model_dir)
     generation = family.generation_config(model_dir)
     base_model = family.is_base_model(model_dir)
@@ -80,6 +83,8 @@ def _run_training(options: TrainOptions, on_event: EventHook | None) -> TrainRes
         train_vit=options.train_vit,
         gpu=gpu,
     )
+    if vit_implied:
+        rules.notes.append("--vision-lr: the vision tower trains (as with --train-vit)")
     if options.recipe == "upstream" and options.packing:
         raise QwenvlError(
             "--recipe upstream reproduces finetune.py, which pads every sample to --max-length and never packs",
@@ -136,6 +141,7 @@ def _run_training(options: TrainOptions, on_event: EventHook | None) -> TrainRes
     if options.recipe == "upstream":
         family.use_upstream_recipe(model)
     model = apply_method(model, options, rules, family)
+    check_part_rates(model, options, family)
     trainable, total = count_parameters(model)
     result = TrainResult(
         output=str(output),
