@@ -253,3 +253,90 @@ def test_part_rates_without_a_trainable_part_are_refused(vl_models, models, tmp_
         method="full", model=models / "tiny", data=DEMO_DATA, output=tmp_path / "v1", dry_run=True, merger_lr=1e-5
     )
     assert run_training(options).dry_run
+
+
+# -- --packing ---------------------------------------------------------------------------------------------------------
+def summed_token_loss(model, inputs) -> torch.Tensor:
+    """Σ of the next-token cross-entropy over the supervised positions of a batch."""
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    logits = model(**inputs).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+    )
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_a_packed_rows_summed_loss_equals_its_samples_alone(vl_models, tmp_path, name):
+    from transformers import AutoModelForImageTextToText
+
+    from qwenvl_cli.train.data import prepare_samples
+
+    Image.new("RGB", (300, 120), (200, 30, 30)).save(tmp_path / "wide.png")
+    folder = vl_models / name
+    family = family_for(folder)
+    tokenizer = family.tokenizer(folder)
+    demo = json.loads(DEMO_DATA.read_text())
+    text_only = {
+        "id": "t",
+        "conversations": [{"from": "user", "value": "Hi?"}, {"from": "assistant", "value": "Hello."}],
+    }
+    wide = {
+        "id": "w",
+        "conversations": [
+            {"from": "user", "value": f"Picture 1: <img>{tmp_path / 'wide.png'}</img>\nColour?"},
+            {"from": "assistant", "value": "Red."},
+        ],
+    }
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([demo[0], text_only, wide, demo[1]]))
+    template = family.template(tokenizer, image_root=DEMO_DATA.parent)
+    samples = prepare_samples(data, template, 512, family.picture_tokens(), DEMO_DATA.parent).samples
+    config = family.config(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    collate = family.collator(tokenizer)
+    rows = [[0, 1, 2], [3]]  # a row of three samples (a text-only one between pictures) and a row of one
+    packed = family.training_dataset(samples, config, DEMO_DATA.parent, 512, rows)
+    batch = collate([packed[0], packed[1]])
+    assert batch["attention_mask"][0].max() == 3 and batch["attention_mask"][1].max() == 1
+    inputs = family.training_inputs(model, batch)
+    assert inputs["attention_mask"] is None and inputs["position_ids"].shape == (4, *batch["input_ids"].shape)
+    first = len(samples[0])
+    assert inputs["position_ids"][0, 0, first] == 0  # the second sample's text positions restart
+    alone = family.training_dataset(samples, config, DEMO_DATA.parent, 512)
+    with torch.no_grad():
+        packed_loss = summed_token_loss(model, inputs)
+        single = [summed_token_loss(model, collate([alone[i]])) for i in range(len(samples))]
+        # its positions are each sample's own: the M-RoPE rows of the second sample equal those it gets alone
+        own, _ = model.model.get_rope_index(
+            collate([alone[2]])["input_ids"], collate([alone[2]])["mm_token_type_ids"], alone[2]["image_grid_thw"]
+        )
+        start = first + len(samples[1])
+        assert torch.equal(inputs["position_ids"][1:, 0, start : start + len(samples[2])], own[:, 0, : len(samples[2])])
+    assert torch.allclose(packed_loss, sum(single), rtol=0, atol=1e-4 * len(samples)), (packed_loss, single)
+    # the unpacked batch passes unchanged, and attention across samples would change the loss
+    plain = collate([alone[0]])
+    assert family.training_inputs(model, plain) is plain
+    leaky = dict(inputs, use_cache=True)  # with a cache transformers ignores packed positions: one causal span
+    with torch.no_grad():
+        assert not torch.allclose(summed_token_loss(model, leaky), sum(single), atol=1e-2)
+
+
+def test_qwenvl_train_packing_runs_for_a_family(vl_models, tmp_path):
+    from typer.testing import CliRunner
+
+    from qwenvl_cli.cli import app
+
+    out = tmp_path / "run"
+    args = ["train", "--model", str(vl_models / "qwen3-vl"), "--data", str(DEMO_DATA), "--packing"]
+    args += ["--max-length", "256", "--max-steps", "2", "--grad-accum", "1", "--lora-r", "4", "--output", str(out)]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "160", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "qwenvl_run.json").read_text())
+    assert manifest["arguments"]["packing"] is True and manifest["global_step"] == 2
+    state = json.loads(next((out / "checkpoints").glob("checkpoint-*/trainer_state.json")).read_text())
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in state["log_history"] if "loss" in e)
+    import re
+
+    packed = re.search(r"packing: (\d+) samples in (\d+) rows", " ".join(result.output.split()))
+    assert packed and int(packed[2]) < int(packed[1])  # rows of several samples were trained

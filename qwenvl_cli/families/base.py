@@ -136,6 +136,11 @@ class ModelFamily(ABC):
     @abstractmethod
     def collator(self, tokenizer: Any, pad_to: int | None = None) -> Any: ...
 
+    def training_inputs(self, model: Any, inputs: dict) -> dict:
+        """A collated batch → the model's keyword arguments (the Trainer calls it before each forward pass);
+        families whose model takes the batch as it is return it unchanged."""
+        return inputs
+
     # where --vision-lr and --merger-lr apply: a parameter name containing `vision_module` is the vision
     # tower's, and the merger's (the vision→LM projection) when it also contains one of `merger_modules`
     vision_module: ClassVar[str] = ".visual."

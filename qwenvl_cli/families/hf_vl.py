@@ -10,7 +10,9 @@
   (`qwenvl_cli.grounding`): Qwen2-VL's special tokens, Qwen2.5-VL's JSON in absolute pixels of the resized
   picture, Qwen3-VL's JSON in relative numbers.
 - Training: LM + merger in full fine-tuning (the vision tower with --train-vit), LoRA on the LM's Linears only.
-- Not yet: chat, eval, merge --verify (`processor`, `chat_session`), Q-LoRA, --packing, --recipe upstream.
+- --packing: rows of several samples, each with its own M-RoPE positions (the model's `get_rope_index`) and
+  attention confined to it (transformers' packed position ids).
+- Not yet: chat, eval, merge --verify (`processor`, `chat_session`), Q-LoRA, --recipe upstream.
 """
 
 from __future__ import annotations
@@ -389,6 +391,86 @@ class PictureDataset:
         return item
 
 
+class PackedPictureDataset(PictureDataset):
+    """Rows of several encoded conversations end to end (`rows` from `pack_rows`): ids, labels and
+    mm_token_type_ids concatenated, the pictures in the order they appear, and `segments` numbering each token's
+    sample (1, 2, …). `HFVisionFamily.training_inputs` turns the numbers into per-sample M-RoPE positions."""
+
+    def __init__(self, samples: list, rows: list[list[int]], *args, **kwargs):
+        super().__init__(samples, *args, **kwargs)
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        import torch
+
+        parts = [PictureDataset.__getitem__(self, sample) for sample in self.rows[index]]
+        labels = []
+        for number, part in enumerate(parts):
+            row_labels = part["labels"].clone()
+            if number:  # the token before a sample belongs to another one: nothing predicts its first token
+                row_labels[0] = IGNORE_INDEX
+            labels.append(row_labels)
+        item = {
+            "input_ids": torch.cat([part["input_ids"] for part in parts]),
+            "labels": torch.cat(labels),
+            "mm_token_type_ids": torch.cat([part["mm_token_type_ids"] for part in parts]),
+            "segments": torch.cat(
+                [
+                    torch.full((len(part["input_ids"]),), number, dtype=torch.long)
+                    for number, part in enumerate(parts, 1)
+                ]
+            ),
+            "pixel_values": None,
+            "image_grid_thw": None,
+        }
+        pictures = [part for part in parts if part["pixel_values"] is not None]
+        if pictures:
+            item["pixel_values"] = torch.cat([part["pixel_values"] for part in pictures])
+            item["image_grid_thw"] = torch.cat([part["image_grid_thw"] for part in pictures])
+        return item
+
+
+def packed_position_ids(model, inputs: dict):
+    """[4, batch, length] position ids of packed rows (`attention_mask` numbers each token's sample, 0 is
+    padding): row 0 the text positions, restarting at 0 for each sample (transformers' masking finds the
+    samples there and confines attention to each), rows 1–3 each sample's M-RoPE positions from the model's own
+    `get_rope_index`, as if the sample were alone. Padding is one more sample of its own."""
+    import torch
+
+    inner = _unwrap(model).model
+    numbers = inputs["attention_mask"]
+    ids, types = inputs["input_ids"], inputs["mm_token_type_ids"]
+    grids = inputs.get("image_grid_thw")
+    positions = torch.zeros((4, *ids.shape), dtype=torch.long, device=ids.device)
+    used = 0  # pictures of the batch taken so far (image_grid_thw is in row order)
+    for row in range(ids.shape[0]):
+        start = 0
+        width = ids.shape[1]
+        while start < width:
+            number = int(numbers[row, start])
+            end = start + 1
+            while end < width and int(numbers[row, end]) == number:
+                end += 1
+            span = slice(start, end)
+            positions[0, row, span] = torch.arange(end - start, device=ids.device)
+            if number == 0:  # padding
+                positions[1:, row, span] = positions[0, row, span]
+            else:
+                kinds = types[row, span]
+                pictures = int(((kinds[1:] == 1) & (kinds[:-1] != 1)).sum()) + int(kinds[0] == 1)
+                sample_grids = grids[used : used + pictures] if pictures else None
+                used += pictures
+                rope, _ = inner.get_rope_index(
+                    ids[row : row + 1, span], mm_token_type_ids=kinds[None], image_grid_thw=sample_grids
+                )
+                positions[1:, row, span] = rope[:, 0]
+            start = end
+    return positions
+
+
 class PictureCollator:
     """Right padding to the batch's longest row rounded up to a multiple of 8 (or `pad_to`); the pictures'
     patches and grids concatenated in row order."""
@@ -417,7 +499,8 @@ class PictureCollator:
             n = len(item["input_ids"])
             batch["input_ids"][row, :n] = item["input_ids"]
             batch["labels"][row, :n] = item["labels"]
-            batch["attention_mask"][row, :n] = 1
+            # a packed row's attention mask numbers its samples 1, 2, … (HFVisionFamily.training_inputs)
+            batch["attention_mask"][row, :n] = item.get("segments", 1)
             batch["mm_token_type_ids"][row, :n] = item["mm_token_type_ids"]
             if item.get("pixel_values") is not None:
                 pixels.append(item["pixel_values"])
@@ -640,16 +723,26 @@ class HFVisionFamily(ModelFamily):
         rows: list | None = None,
         pixels: tuple[int, int] | None = None,
     ):
-        if rows is not None:
-            raise QwenvlError(
-                f"--packing is not built for {self.title} yet (M-RoPE positions per packed sample)",
-                "Drop --packing",
-            )
         folder = _folder_of(config)
         pad = read_json_object(folder / "config.json").get("image_token_id")
         if pad is None:
             pad = getattr(config, "image_token_id", None)
+        if rows is not None:
+            return PackedPictureDataset(list(samples), rows, folder, image_root, int(pad), pixels)
         return PictureDataset(list(samples), folder, image_root, int(pad), pixels)
+
+    def training_inputs(self, model, inputs: dict) -> dict:
+        """A packed batch (its attention mask numbers the samples of each row) → per-sample M-RoPE position
+        ids with the text positions first (transformers' packed format) and no attention mask: transformers'
+        masking then confines each token's attention to its own sample. Unpacked batches pass unchanged."""
+        mask = inputs.get("attention_mask")
+        if mask is None or int(mask.max()) <= 1:
+            return inputs
+        inputs = dict(inputs)
+        inputs["position_ids"] = packed_position_ids(model, inputs)
+        inputs["attention_mask"] = None
+        inputs["use_cache"] = False  # transformers looks for packed positions only without a cache
+        return inputs
 
     def collator(self, tokenizer, pad_to: int | None = None):
         return PictureCollator(tokenizer.convert_tokens_to_ids("<|endoftext|>"), pad_to=pad_to)

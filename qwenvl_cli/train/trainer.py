@@ -56,6 +56,9 @@ def build_trainer(model, setup: RunSetup, samples, image_root: Path, emit, evalu
                 self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
             return super().create_optimizer(model)
 
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            return super().compute_loss(model, family.training_inputs(model, inputs), *args, **kwargs)
+
         def training_step(self, model, inputs, *args, **kwargs):
             tick = time.perf_counter()
             loss = super().training_step(model, inputs, *args, **kwargs)
