@@ -340,3 +340,46 @@ def test_qwenvl_train_packing_runs_for_a_family(vl_models, tmp_path):
 
     packed = re.search(r"packing: (\d+) samples in (\d+) rows", " ".join(result.output.split()))
     assert packed and int(packed[2]) < int(packed[1])  # rows of several samples were trained
+
+
+# -- Q-LoRA (NF4) ------------------------------------------------------------------------------------------------------
+def test_nf4_loading_quantises_the_language_model_only(vl_models):
+    bnb = pytest.importorskip("bitsandbytes")
+    folder = vl_models / "qwen3-vl"
+    model, _ = family_for(folder).load(folder, "fp32", "cpu", quant="nf4")
+    four_bit = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert four_bit and all(".language_model." in f".{n}." for n in four_bit)
+    assert any(n.endswith("mlp.down_proj") for n in four_bit) and any(n.endswith("self_attn.q_proj") for n in four_bit)
+    plain = {n for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+    assert "lm_head" in plain and any(".visual.merger." in f".{n}." for n in plain)
+    assert not any(".language_model." in f".{n}." for n in plain)
+    with pytest.raises(QwenvlError, match="gptq"):
+        family_for(folder).load(folder, "fp32", "cpu", quant="gptq")
+
+
+def test_qlora_trains_a_family_model_and_its_adapter_loads(vl_models, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+    from typer.testing import CliRunner
+
+    from qwenvl_cli.cli import app
+    from qwenvl_cli.train.options import TrainOptions
+    from qwenvl_cli.train.runner import run_training
+
+    folder = vl_models / "qwen2.5-vl"
+    out = tmp_path / "run"
+    options = TrainOptions(
+        method="qlora", model=folder, data=DEMO_DATA, output=out, max_steps=2, grad_accum=1, lora_r=4, save_steps=2
+    )
+    result = run_training(options)
+    assert result.global_step == 2 and result.final_loss == result.final_loss  # not NaN
+    manifest = json.loads((out / "qwenvl_run.json").read_text())
+    assert (manifest["method"], manifest["quantisation"]) == ("qlora", "nf4")
+    loaded = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(folder), out)
+    wrapped = [n for n, m in loaded.named_modules() if "lora_A" in dict(m.named_children())]
+    assert wrapped and all(".language_model." in n for n in wrapped)
+    trained = {k for k in loaded.state_dict() if "lora_B" in k}
+    assert any(loaded.state_dict()[k].abs().sum() > 0 for k in trained)  # the adapters moved from their zero start
+    merged = CliRunner().invoke(app, ["merge", str(out), "--output", str(tmp_path / "m")], env={"COLUMNS": "160"})
+    assert merged.exit_code != 0 and "NF4" in merged.output

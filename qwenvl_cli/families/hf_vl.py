@@ -9,10 +9,11 @@
 - Boxes (`<ref>…</ref><box>(x1,y1),(x2,y2)</box>`, relative [0,1000)) are written in the family's convention
   (`qwenvl_cli.grounding`): Qwen2-VL's special tokens, Qwen2.5-VL's JSON in absolute pixels of the resized
   picture, Qwen3-VL's JSON in relative numbers.
-- Training: LM + merger in full fine-tuning (the vision tower with --train-vit), LoRA on the LM's Linears only.
+- Training: LM + merger in full fine-tuning (the vision tower with --train-vit), LoRA on the LM's Linears only,
+  Q-LoRA with those Linears in NF4 (`nf4_layer_names`).
 - --packing: rows of several samples, each with its own M-RoPE positions (the model's `get_rope_index`) and
   attention confined to it (transformers' packed position ids).
-- Not yet: chat, eval, merge --verify (`processor`, `chat_session`), Q-LoRA, --recipe upstream.
+- Not yet: chat, eval, merge --verify (`processor`, `chat_session`), GPTQ checkpoints, --recipe upstream.
 """
 
 from __future__ import annotations
@@ -606,10 +607,11 @@ class HFVisionFamily(ModelFamily):
         import torch
         from transformers import AutoModelForImageTextToText
 
-        if quant is not None:
+        if quant not in (None, "nf4"):
             raise QwenvlError(
-                f"qwenvl does not train {self.title} 4-bit ({quant}) yet: Q-LoRA is built for Qwen-VL (v1) only",
-                "Use --method lora (16-bit base weights) or --method full",
+                f"qwenvl does not load {self.title} {quant} checkpoints yet: its Q-LoRA quantises a 16-bit "
+                "checkpoint to NF4 at load",
+                "Train Q-LoRA from the bf16/fp16 checkpoint (--method qlora, NF4), or use --method lora",
             )
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
         folder = Path(folder)
@@ -617,6 +619,11 @@ class HFVisionFamily(ModelFamily):
             model = AutoModelForImageTextToText.from_config(self.config(folder), dtype=torch_dtype)
         else:
             model = AutoModelForImageTextToText.from_pretrained(str(folder), dtype=torch_dtype)
+        if quant == "nf4":
+            from ..model.quant import swap_in_nf4
+
+            # the language model's Linears only: the vision tower, merger, embeddings and lm_head stay 16-bit
+            swap_in_nf4(model, torch_dtype, device=device, names=nf4_layer_names(model))
         model.to(device)
         model.eval()
         model.name_or_path = model.config._name_or_path = str(folder.resolve())
@@ -852,6 +859,18 @@ class HFVisionFamily(ModelFamily):
 
     def tiny_vocabulary(self, path: Path) -> Path:
         raise QwenvlError(f"{self.title} has no profile presets yet", "Profile a Qwen-VL (v1) preset")
+
+
+def nf4_layer_names(model) -> list[str]:
+    """The `nn.Linear` modules Q-LoRA quantises: every one inside the language model (its attention and MLP
+    projections); the vision tower, the merger, the embeddings and `lm_head` are left out."""
+    import torch
+
+    return [
+        name
+        for name, module in model.named_modules()
+        if type(module) is torch.nn.Linear and ".language_model." in f".{name}."
+    ]
 
 
 def _unwrap(model):
