@@ -133,7 +133,8 @@ def test_the_cli_refuses_pixel_bounds_for_qwen_vl_v1(models, tmp_path):
     assert result.exit_code != 0
     assert "one fixed size" in result.output
     help_text = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"}).output
-    assert "--min-pixels" in help_text and "--max-pixels" in help_text
+    for flag in ("--min-pixels", "--max-pixels", "--vision-lr", "--merger-lr", "--packing"):
+        assert flag in help_text
 
 
 def test_record_pixels_updates_older_min_max_keys(vl_models, tmp_path):
@@ -383,3 +384,19 @@ def test_qlora_trains_a_family_model_and_its_adapter_loads(vl_models, tmp_path):
     assert any(loaded.state_dict()[k].abs().sum() > 0 for k in trained)  # the adapters moved from their zero start
     merged = CliRunner().invoke(app, ["merge", str(out), "--output", str(tmp_path / "m")], env={"COLUMNS": "160"})
     assert merged.exit_code != 0 and "NF4" in merged.output
+
+
+def test_a_resumed_run_must_keep_the_picture_bounds_and_the_group_layout(vl_models, tmp_path):
+    from qwenvl_cli.train.options import TrainOptions
+    from qwenvl_cli.train.presets import resolve_rules
+    from qwenvl_cli.train.resume import run_identity
+
+    def identity(**changes):
+        options = TrainOptions(model=vl_models / "qwen2-vl", data=DEMO_DATA, **changes)
+        return run_identity(options, vl_models / "qwen2-vl", "f", resolve_rules("lora"), "sha", None)
+
+    plain = identity()
+    assert plain["min_pixels"] is None and plain["part_learning_rates"] is None  # as runs written before
+    assert identity(max_pixels=7840) != plain
+    assert identity(vision_lr=1e-5) != plain
+    assert identity(merger_lr=1e-5) == identity(merger_lr=2e-5)  # a rate may change, the groups may not
