@@ -302,6 +302,9 @@ def test_a_packed_rows_summed_loss_equals_its_samples_alone(vl_models, tmp_path,
     assert batch["attention_mask"][0].max() == 3 and batch["attention_mask"][1].max() == 1
     inputs = family.training_inputs(model, batch)
     assert inputs["attention_mask"] is None and inputs["position_ids"].shape == (4, *batch["input_ids"].shape)
+    wrapper = torch.nn.Module()  # as DDP hands the model to the Trainer's compute_loss
+    wrapper.module = model
+    assert torch.equal(family.training_inputs(wrapper, batch)["position_ids"], inputs["position_ids"])
     first = len(samples[0])
     assert inputs["position_ids"][0, 0, first] == 0  # the second sample's text positions restart
     alone = family.training_dataset(samples, config, DEMO_DATA.parent, 512)

@@ -441,6 +441,8 @@ def packed_position_ids(model, inputs: dict):
     `get_rope_index`, as if the sample were alone. Padding is one more sample of its own."""
     import torch
 
+    while hasattr(model, "module"):  # DDP and DeepSpeed wrap the model the Trainer's compute_loss gets
+        model = model.module
     inner = _unwrap(model).model
     numbers = inputs["attention_mask"]
     ids, types = inputs["input_ids"], inputs["mm_token_type_ids"]
