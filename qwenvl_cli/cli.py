@@ -363,6 +363,42 @@ def train_command(
         ),
     ] = None,
     train_vit: Annotated[bool, typer.Option(help="full: also train the ViT.")] = False,
+    vision_lr: Annotated[
+        float | None,
+        typer.Option(
+            help="Learning rate of the vision tower (default: --lr). full: implies --train-vit; LoRA: of the "
+            "adapters that --lora-targets puts in the vision tower (none by default: refused).",
+            min=0.0,
+            show_default=False,
+        ),
+    ] = None,
+    merger_lr: Annotated[
+        float | None,
+        typer.Option(
+            help="Learning rate of the merger, the vision→LM projection (Qwen3-VL: with deepstack_merger_list; "
+            "Qwen-VL: the resampler attn_pool; default: --lr). LoRA: of adapters placed there.",
+            min=0.0,
+            show_default=False,
+        ),
+    ] = None,
+    min_pixels: Annotated[
+        int | None,
+        typer.Option(
+            help="Qwen2-VL and later: the least pixels a picture is resized to (rounded up to whole tokens of "
+            "(patch·merge)² pixels; default: the model's preprocessor_config.json). Written into the run folder's.",
+            min=1,
+            show_default=False,
+        ),
+    ] = None,
+    max_pixels: Annotated[
+        int | None,
+        typer.Option(
+            help="Qwen2-VL and later: the most pixels a picture is resized to, so at most max/(patch·merge)² tokens "
+            "(rounded down; default: the model's). Qwen-VL's pictures are always 448×448.",
+            min=1,
+            show_default=False,
+        ),
+    ] = None,
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations to save memory.")] = False,
     compile: Annotated[
         bool,

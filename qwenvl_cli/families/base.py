@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..errors import QwenvlError
+
 
 class ModelFamily(ABC):
     """One generation of Qwen vision-language models; a subclass implements every abstract method."""
@@ -89,6 +91,24 @@ class ModelFamily(ABC):
         give each encoded conversation `image_lengths`, the tokens of each picture, markers included."""
         ...
 
+    def picture_pixels(
+        self, folder: Path, min_pixels: int | None, max_pixels: int | None, max_length: int
+    ) -> tuple[int, int] | None:
+        """`qwenvl train --min-pixels/--max-pixels`: the run's (min, max) pixels of a picture, validated and
+        rounded, or None for the folder's own. Families that resize every picture to one size refuse them; those
+        that take them accept `pixels=` (and `max_length=`) in `template` and `training_dataset`."""
+        if min_pixels is None and max_pixels is None:
+            return None
+        raise QwenvlError(
+            f"{self.title} resizes every picture to one fixed size, so --min-pixels/--max-pixels have nothing to "
+            "bound (they set the picture sizes of Qwen2-VL, Qwen2.5-VL and Qwen3-VL)",
+            "Drop --min-pixels and --max-pixels",
+        )
+
+    def record_pixels(self, folder: Path, pixels: tuple[int, int]) -> None:
+        """Write a run's picture bounds into the processor files of a trained folder (families that take them)."""
+        raise NotImplementedError
+
     @abstractmethod
     def picture_tokens(self) -> int:
         """Tokens one picture takes in a sequence, markers included (families with variable spans: their
@@ -115,6 +135,23 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def collator(self, tokenizer: Any, pad_to: int | None = None) -> Any: ...
+
+    def training_inputs(self, model: Any, inputs: dict) -> dict:
+        """A collated batch → the model's keyword arguments (the Trainer calls it before each forward pass);
+        families whose model takes the batch as it is return it unchanged."""
+        return inputs
+
+    # where --vision-lr and --merger-lr apply: a parameter name containing `vision_module` is the vision
+    # tower's, and the merger's (the vision→LM projection) when it also contains one of `merger_modules`
+    vision_module: ClassVar[str] = ".visual."
+    merger_modules: ClassVar[tuple[str, ...]] = ()
+
+    def parameter_part(self, name: str) -> str:
+        """ "vision", "merger" or "language" (everything else) for a parameter name (PEFT-wrapped names too)."""
+        dotted = f".{name}."
+        if self.vision_module not in dotted:
+            return "language"
+        return "merger" if any(f".{module}." in dotted for module in self.merger_modules) else "vision"
 
     @abstractmethod
     def prepare_full(self, model: Any, train_vision: bool) -> None:

@@ -9,8 +9,11 @@
 - Boxes (`<ref>…</ref><box>(x1,y1),(x2,y2)</box>`, relative [0,1000)) are written in the family's convention
   (`qwenvl_cli.grounding`): Qwen2-VL's special tokens, Qwen2.5-VL's JSON in absolute pixels of the resized
   picture, Qwen3-VL's JSON in relative numbers.
-- Training: LM + merger in full fine-tuning (the vision tower with --train-vit), LoRA on the LM's Linears only.
-- Not yet: chat, eval, merge --verify (`processor`, `chat_session`), Q-LoRA, --packing, --recipe upstream.
+- Training: LM + merger in full fine-tuning (the vision tower with --train-vit), LoRA on the LM's Linears only,
+  Q-LoRA with those Linears in NF4 (`nf4_layer_names`).
+- --packing: rows of several samples, each with its own M-RoPE positions (the model's `get_rope_index`) and
+  attention confined to it (transformers' packed position ids).
+- Not yet: chat, eval, merge --verify (`processor`, `chat_session`), GPTQ checkpoints, --recipe upstream.
 """
 
 from __future__ import annotations
@@ -144,14 +147,19 @@ def image_only_processor_class(official: str) -> type:
 
 
 @functools.lru_cache(maxsize=16)
-def _image_processor_cached(folder: str, stamp: float):
+def _image_processor_cached(folder: str, stamp: float, pixels: tuple[int, int] | None = None):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    return Qwen2VLImageProcessorPil.from_pretrained(folder)
+    if pixels is None:
+        return Qwen2VLImageProcessorPil.from_pretrained(folder)
+    return Qwen2VLImageProcessorPil.from_pretrained(
+        folder, size={"shortest_edge": pixels[0], "longest_edge": pixels[1]}
+    )
 
 
-def image_processor(folder: str | Path):
-    """The folder's image processor (the PIL backend: no torchvision), cached per folder and file version."""
+def image_processor(folder: str | Path, pixels: tuple[int, int] | None = None):
+    """The folder's image processor (the PIL backend: no torchvision), cached per folder and file version;
+    `pixels` = (min_pixels, max_pixels) replaces the folder's bounds (`qwenvl train --min-pixels/--max-pixels`)."""
     found = [Path(folder) / name for name in ("preprocessor_config.json", "processor_config.json")]
     found = [path for path in found if path.is_file()]
     if not found:
@@ -160,7 +168,8 @@ def image_processor(folder: str | Path):
             "in tokens is unknown",
             "Copy preprocessor_config.json from the model's original files",
         )
-    return _image_processor_cached(str(Path(folder).resolve()), max(path.stat().st_mtime for path in found))
+    stamp = max(path.stat().st_mtime for path in found)
+    return _image_processor_cached(str(Path(folder).resolve()), stamp, tuple(pixels) if pixels else None)
 
 
 def pixel_budget(processor) -> tuple[int, int, int, int]:
@@ -189,12 +198,22 @@ class EncodedPictures:
 class VisionTemplate:
     """ChatML with pictures expanded to their token count and boxes in the family's convention."""
 
-    def __init__(self, generation: Generation, tokenizer, system: str, folder: Path, image_root: Path | None):
+    def __init__(
+        self,
+        generation: Generation,
+        tokenizer,
+        system: str,
+        folder: Path,
+        image_root: Path | None,
+        pixels: tuple[int, int] | None = None,
+        max_length: int | None = None,
+    ):
         self.generation = generation
         self.tokenizer = tokenizer
         self.system = system
         self.image_root = image_root
-        self.patch, self.merge, self.min_pixels, self.max_pixels = pixel_budget(image_processor(folder))
+        self.patch, self.merge, self.min_pixels, self.max_pixels = pixel_budget(image_processor(folder, pixels))
+        self.max_length = max_length  # a picture longer than this (markers included) is refused by name
         ids = tokenizer.convert_tokens_to_ids
         self.im_start, self.im_end = ids("<|im_start|>"), ids("<|im_end|>")
         self.vision_start, self.vision_end, self.image_pad = (
@@ -223,7 +242,15 @@ class VisionTemplate:
     def picture_tokens(self, path: str) -> int:
         """`<|image_pad|>` tokens of one picture (the markers not included)."""
         height, width = self.resized(path)
-        return (height // self.patch) * (width // self.patch) // self.merge**2
+        count = (height // self.patch) * (width // self.patch) // self.merge**2
+        if self.max_length is not None and count + 2 > self.max_length:
+            raise QwenvlError(
+                f"picture {path} takes {count + 2} tokens ({width}×{height} after resizing to at most "
+                f"{self.max_pixels:,} pixels, markers included), more than --max-length {self.max_length}",
+                f"Lower --max-pixels (each {(self.patch * self.merge) ** 2} pixels are one token) or raise "
+                "--max-length",
+            )
+        return count
 
     def _box_text(self, raw: str, label: str | None, picture: str | None) -> str:
         from ..grounding import clamp_relative, json_box, relative_to_absolute, special_token_box
@@ -317,11 +344,19 @@ class PictureDataset:
     """Encoded conversations → input_ids, labels, mm_token_type_ids, and the pictures' flattened patches and
     grids (read and preprocessed when an item is fetched)."""
 
-    def __init__(self, samples: list, folder: Path, image_root: Path | None, image_pad: int):
+    def __init__(
+        self,
+        samples: list,
+        folder: Path,
+        image_root: Path | None,
+        image_pad: int,
+        pixels: tuple[int, int] | None = None,
+    ):
         self.samples = samples
         self.folder = folder
         self.image_root = image_root
         self.image_pad = image_pad
+        self.pixels = pixels  # the run's (min_pixels, max_pixels), the template's too
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -341,7 +376,7 @@ class PictureDataset:
             "image_grid_thw": None,
         }
         if encoded.image_paths:
-            processor = image_processor(self.folder)
+            processor = image_processor(self.folder, self.pixels)
             pictures = [load_image(path, self.image_root).convert("RGB") for path in encoded.image_paths]
             features = processor(images=pictures, return_tensors="pt")
             grid = features["image_grid_thw"]
@@ -356,6 +391,88 @@ class PictureDataset:
             item["pixel_values"] = features["pixel_values"]
             item["image_grid_thw"] = grid
         return item
+
+
+class PackedPictureDataset(PictureDataset):
+    """Rows of several encoded conversations end to end (`rows` from `pack_rows`): ids, labels and
+    mm_token_type_ids concatenated, the pictures in the order they appear, and `segments` numbering each token's
+    sample (1, 2, …). `HFVisionFamily.training_inputs` turns the numbers into per-sample M-RoPE positions."""
+
+    def __init__(self, samples: list, rows: list[list[int]], *args, **kwargs):
+        super().__init__(samples, *args, **kwargs)
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        import torch
+
+        parts = [PictureDataset.__getitem__(self, sample) for sample in self.rows[index]]
+        labels = []
+        for number, part in enumerate(parts):
+            row_labels = part["labels"].clone()
+            if number:  # the token before a sample belongs to another one: nothing predicts its first token
+                row_labels[0] = IGNORE_INDEX
+            labels.append(row_labels)
+        item = {
+            "input_ids": torch.cat([part["input_ids"] for part in parts]),
+            "labels": torch.cat(labels),
+            "mm_token_type_ids": torch.cat([part["mm_token_type_ids"] for part in parts]),
+            "segments": torch.cat(
+                [
+                    torch.full((len(part["input_ids"]),), number, dtype=torch.long)
+                    for number, part in enumerate(parts, 1)
+                ]
+            ),
+            "pixel_values": None,
+            "image_grid_thw": None,
+        }
+        pictures = [part for part in parts if part["pixel_values"] is not None]
+        if pictures:
+            item["pixel_values"] = torch.cat([part["pixel_values"] for part in pictures])
+            item["image_grid_thw"] = torch.cat([part["image_grid_thw"] for part in pictures])
+        return item
+
+
+def packed_position_ids(model, inputs: dict):
+    """[4, batch, length] position ids of packed rows (`attention_mask` numbers each token's sample, 0 is
+    padding): row 0 the text positions, restarting at 0 for each sample (transformers' masking finds the
+    samples there and confines attention to each), rows 1–3 each sample's M-RoPE positions from the model's own
+    `get_rope_index`, as if the sample were alone. Padding is one more sample of its own."""
+    import torch
+
+    while hasattr(model, "module"):  # DDP and DeepSpeed wrap the model the Trainer's compute_loss gets
+        model = model.module
+    inner = _unwrap(model).model
+    numbers = inputs["attention_mask"]
+    ids, types = inputs["input_ids"], inputs["mm_token_type_ids"]
+    grids = inputs.get("image_grid_thw")
+    positions = torch.zeros((4, *ids.shape), dtype=torch.long, device=ids.device)
+    used = 0  # pictures of the batch taken so far (image_grid_thw is in row order)
+    for row in range(ids.shape[0]):
+        start = 0
+        width = ids.shape[1]
+        while start < width:
+            number = int(numbers[row, start])
+            end = start + 1
+            while end < width and int(numbers[row, end]) == number:
+                end += 1
+            span = slice(start, end)
+            positions[0, row, span] = torch.arange(end - start, device=ids.device)
+            if number == 0:  # padding
+                positions[1:, row, span] = positions[0, row, span]
+            else:
+                kinds = types[row, span]
+                pictures = int(((kinds[1:] == 1) & (kinds[:-1] != 1)).sum()) + int(kinds[0] == 1)
+                sample_grids = grids[used : used + pictures] if pictures else None
+                used += pictures
+                rope, _ = inner.get_rope_index(
+                    ids[row : row + 1, span], mm_token_type_ids=kinds[None], image_grid_thw=sample_grids
+                )
+                positions[1:, row, span] = rope[:, 0]
+            start = end
+    return positions
 
 
 class PictureCollator:
@@ -386,7 +503,8 @@ class PictureCollator:
             n = len(item["input_ids"])
             batch["input_ids"][row, :n] = item["input_ids"]
             batch["labels"][row, :n] = item["labels"]
-            batch["attention_mask"][row, :n] = 1
+            # a packed row's attention mask numbers its samples 1, 2, … (HFVisionFamily.training_inputs)
+            batch["attention_mask"][row, :n] = item.get("segments", 1)
             batch["mm_token_type_ids"][row, :n] = item["mm_token_type_ids"]
             if item.get("pixel_values") is not None:
                 pixels.append(item["pixel_values"])
@@ -415,6 +533,7 @@ class HFVisionFamily(ModelFamily):
     generation: ClassVar[Generation]
     lora_targets: ClassVar[tuple[str, ...]] = (LM_LORA_REGEX,)
     base_modules_to_save: ClassVar[tuple[str, ...]] = ()
+    merger_modules: ClassVar[tuple[str, ...]] = ("merger", "deepstack_merger_list")  # Qwen3-VL has both
     tokenizer_files: ClassVar[tuple[str, ...]] = PROCESSOR_FILES
     full_summary: ClassVar[str] = (
         "all LM weights, lm_head and the vision merger; the vision tower stays frozen unless --train-vit"
@@ -496,10 +615,11 @@ class HFVisionFamily(ModelFamily):
         import torch
         from transformers import AutoModelForImageTextToText
 
-        if quant is not None:
+        if quant not in (None, "nf4"):
             raise QwenvlError(
-                f"qwenvl does not train {self.title} 4-bit ({quant}) yet: Q-LoRA is built for Qwen-VL (v1) only",
-                "Use --method lora (16-bit base weights) or --method full",
+                f"qwenvl does not load {self.title} {quant} checkpoints yet: its Q-LoRA quantises a 16-bit "
+                "checkpoint to NF4 at load",
+                "Train Q-LoRA from the bf16/fp16 checkpoint (--method qlora, NF4), or use --method lora",
             )
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
         folder = Path(folder)
@@ -507,6 +627,11 @@ class HFVisionFamily(ModelFamily):
             model = AutoModelForImageTextToText.from_config(self.config(folder), dtype=torch_dtype)
         else:
             model = AutoModelForImageTextToText.from_pretrained(str(folder), dtype=torch_dtype)
+        if quant == "nf4":
+            from ..model.quant import swap_in_nf4
+
+            # the language model's Linears only: the vision tower, merger, embeddings and lm_head stay 16-bit
+            swap_in_nf4(model, torch_dtype, device=device, names=nf4_layer_names(model))
         model.to(device)
         model.eval()
         model.name_or_path = model.config._name_or_path = str(folder.resolve())
@@ -520,14 +645,70 @@ class HFVisionFamily(ModelFamily):
             return AutoModelForImageTextToText.from_config(config)
 
     # -- text and pictures -----------------------------------------------------------------------------------
-    def template(self, tokenizer, system: str | None = None, image_root: Path | None = None):
+    def template(
+        self,
+        tokenizer,
+        system: str | None = None,
+        image_root: Path | None = None,
+        pixels: tuple[int, int] | None = None,
+        max_length: int | None = None,
+    ):
         return VisionTemplate(
             self.generation,
             tokenizer,
             self.default_system if system is None else system,
             _folder_of(tokenizer),
             image_root,
+            pixels,
+            max_length,
         )
+
+    def picture_pixels(
+        self, folder: Path, min_pixels: int | None, max_pixels: int | None, max_length: int
+    ) -> tuple[int, int] | None:
+        """(min_pixels, max_pixels) of a run: the folder's, replaced by the given ones rounded to whole tokens
+        (min up, max down, to multiples of (patch·merge)²); None when neither is given."""
+        if min_pixels is None and max_pixels is None:
+            return None
+        patch, merge, folder_min, folder_max = pixel_budget(image_processor(folder))
+        unit = (patch * merge) ** 2  # the pixels of one merged token
+        low = -(-(folder_min if min_pixels is None else min_pixels) // unit) * unit
+        high = (folder_max if max_pixels is None else max_pixels) // unit * unit
+        if high < unit:
+            raise QwenvlError(
+                f"--max-pixels {max_pixels} is less than one token of {self.title} ({unit} pixels: ({patch}·{merge})²)",
+                f"Give --max-pixels of at least {unit}",
+            )
+        if low > high:
+            raise QwenvlError(
+                f"--min-pixels ({low:,} rounded up to whole {unit}-pixel tokens) is more than --max-pixels "
+                f"({high:,} rounded down); the folder's own bounds are {folder_min:,} … {folder_max:,}",
+                "Give --min-pixels ≤ --max-pixels",
+            )
+        if low // unit + 2 > max_length:
+            raise QwenvlError(
+                f"with --min-pixels {low:,} every picture takes at least {low // unit + 2} tokens (markers "
+                f"included), more than --max-length {max_length}",
+                "Lower --min-pixels or raise --max-length",
+            )
+        return low, high
+
+    def record_pixels(self, folder: Path, pixels: tuple[int, int]) -> None:
+        """Write a run's (min_pixels, max_pixels) into the processor files copied into `folder`, so that the
+        trained folder's processor makes the pictures it was trained on."""
+        for name in ("preprocessor_config.json", "processor_config.json"):
+            path = Path(folder) / name
+            if not path.is_file():
+                continue
+            settings = json.loads(path.read_text("utf-8"))
+            image = settings.get("image_processor", settings) if name == "processor_config.json" else settings
+            if name == "processor_config.json" and "image_processor" not in settings:
+                continue
+            image["size"] = {**(image.get("size") or {}), "shortest_edge": pixels[0], "longest_edge": pixels[1]}
+            for key, value in (("min_pixels", pixels[0]), ("max_pixels", pixels[1])):
+                if key in image:  # older files: these win over size when the processor is made
+                    image[key] = value
+            path.write_text(json.dumps(settings, indent=2) + "\n", "utf-8")
 
     def picture_tokens(self) -> int:
         """The most tokens a picture can take is the processor's max_pixels; this seam's fixed count is unused
@@ -549,18 +730,34 @@ class HFVisionFamily(ModelFamily):
 
     # -- training --------------------------------------------------------------------------------------------
     def training_dataset(
-        self, samples: Sequence[Any], config, image_root: Path, max_length: int, rows: list | None = None
+        self,
+        samples: Sequence[Any],
+        config,
+        image_root: Path,
+        max_length: int,
+        rows: list | None = None,
+        pixels: tuple[int, int] | None = None,
     ):
-        if rows is not None:
-            raise QwenvlError(
-                f"--packing is not built for {self.title} yet (M-RoPE positions per packed sample)",
-                "Drop --packing",
-            )
         folder = _folder_of(config)
         pad = read_json_object(folder / "config.json").get("image_token_id")
         if pad is None:
             pad = getattr(config, "image_token_id", None)
-        return PictureDataset(list(samples), folder, image_root, int(pad))
+        if rows is not None:
+            return PackedPictureDataset(list(samples), rows, folder, image_root, int(pad), pixels)
+        return PictureDataset(list(samples), folder, image_root, int(pad), pixels)
+
+    def training_inputs(self, model, inputs: dict) -> dict:
+        """A packed batch (its attention mask numbers the samples of each row) → per-sample M-RoPE position
+        ids with the text positions first (transformers' packed format) and no attention mask: transformers'
+        masking then confines each token's attention to its own sample. Unpacked batches pass unchanged."""
+        mask = inputs.get("attention_mask")
+        if mask is None or int(mask.max()) <= 1:
+            return inputs
+        inputs = dict(inputs)
+        inputs["position_ids"] = packed_position_ids(model, inputs)
+        inputs["attention_mask"] = None
+        inputs["use_cache"] = False  # transformers looks for packed positions only without a cache
+        return inputs
 
     def collator(self, tokenizer, pad_to: int | None = None):
         return PictureCollator(tokenizer.convert_tokens_to_ids("<|endoftext|>"), pad_to=pad_to)
@@ -679,6 +876,18 @@ class HFVisionFamily(ModelFamily):
 
     def tiny_vocabulary(self, path: Path) -> Path | None:
         return None  # every preset writes its own tiny vocabulary (init_model takes no --vocab)
+
+
+def nf4_layer_names(model) -> list[str]:
+    """The `nn.Linear` modules Q-LoRA quantises: every one inside the language model (its attention and MLP
+    projections); the vision tower, the merger, the embeddings and `lm_head` are left out."""
+    import torch
+
+    return [
+        name
+        for name, module in model.named_modules()
+        if type(module) is torch.nn.Linear and ".language_model." in f".{name}."
+    ]
 
 
 def _unwrap(model):

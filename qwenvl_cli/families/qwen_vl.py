@@ -155,6 +155,8 @@ class QwenVLFamily(ModelFamily):
 
         return PaddingCollator(tokenizer.eod_id, pad_to=pad_to)
 
+    merger_modules: ClassVar[tuple[str, ...]] = ("attn_pool",)  # the resampler: 256 queries over the ViT
+
     def prepare_full(self, model, train_vision: bool) -> None:
         model.requires_grad_(True)
         visual = model.transformer.visual

@@ -125,12 +125,17 @@ def load_nf4(
 
 
 def swap_in_nf4(
-    model, compute_dtype: torch.dtype, double_quant: bool = True, device: str | torch.device = "cpu"
+    model,
+    compute_dtype: torch.dtype,
+    double_quant: bool = True,
+    device: str | torch.device = "cpu",
+    names: Sequence[str] | None = None,
 ) -> None:
-    """Replace each layer of `QUANTISED_LAYERS` by a bitsandbytes NF4 `Linear4bit`, one layer at a time
-    (its weight is quantised as it moves to `device`), then move the rest of the model to `device`."""
+    """Replace each layer of `QUANTISED_LAYERS` (or the `nn.Linear` modules `names`, for another model) by a
+    bitsandbytes NF4 `Linear4bit`, one layer at a time (its weight is quantised as it moves to `device`), then
+    move the rest of the model to `device`."""
     bnb = _import_bitsandbytes()
-    for name in quantised_layer_names(model.config):
+    for name in quantised_layer_names(model.config) if names is None else names:
         linear = model.get_submodule(name)
         quantised = bnb.nn.Linear4bit(
             linear.in_features,

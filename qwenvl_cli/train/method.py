@@ -71,6 +71,52 @@ def apply_method(model, options: TrainOptions, rules: ResolvedRules, family: Mod
     return model
 
 
+def check_part_rates(model, options: TrainOptions, family: ModelFamily) -> None:
+    """--vision-lr/--merger-lr need trainable parameters in their part (under LoRA: adapters placed there)."""
+    for part, flag, value in (
+        ("vision", "--vision-lr", options.vision_lr),
+        ("merger", "--merger-lr", options.merger_lr),
+    ):
+        if value is None:
+            continue
+        if not any(p.requires_grad and family.parameter_part(n) == part for n, p in model.named_parameters()):
+            what = "the vision tower" if part == "vision" else "the merger"
+            fix = (
+                "Drop the flag, or put LoRA adapters there with --lora-targets"
+                if PRESETS[options.method].lora
+                else "Drop the flag"
+            )
+            raise QwenvlError(
+                f"{flag} sets the learning rate of {what}'s trainable parameters, and with --method "
+                f"{options.method} none of {what} trains ({family.title}'s LoRA adapters are where --lora-targets "
+                "puts them; full fine-tuning trains the merger, and the vision tower with --train-vit or --vision-lr)",
+                fix,
+            )
+
+
+def parameter_groups(model, family: ModelFamily, options: TrainOptions, lr: float, decay_names) -> list[dict]:
+    """AdamW's parameter groups: the trainable parameters by part (language, vision, merger: --vision-lr and
+    --merger-lr, else `lr`) and by weight decay (`decay_names` decay, the rest not), empty groups left out."""
+    rates = {"language": lr, "vision": options.vision_lr, "merger": options.merger_lr}
+    groups: dict[tuple[str, bool], dict] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        part = family.parameter_part(name)
+        decay = name in decay_names
+        group = groups.setdefault(
+            (part, decay),
+            {
+                "params": [],
+                "weight_decay": options.weight_decay if decay else 0.0,
+                "lr": lr if rates[part] is None else rates[part],
+                "part": part,
+            },
+        )
+        group["params"].append(parameter)
+    return list(groups.values())
+
+
 REGEX_CHARACTERS = set("*()|\\^$[]+?")
 
 

@@ -35,6 +35,14 @@ class TrainOptions(BaseModel):
     lora_dropout: float = 0.05
     lora_targets: list[str] | None = None  # default: the model family's (ModelFamily.lora_targets)
     train_vit: bool = False
+    # learning rates of the trainable vision-tower and merger parameters (default: lr); --vision-lr implies
+    # --train-vit under --method full. Qwen-VL (v1)'s merger is its resampler (attn_pool).
+    vision_lr: float | None = Field(None, ge=0)
+    merger_lr: float | None = Field(None, ge=0)
+    # Qwen2-VL and later: the bounds of each picture's area after resizing (rounded to whole tokens of
+    # (patch·merge)² pixels); None: the model folder's preprocessor_config.json. Recorded in the run folder's.
+    min_pixels: int | None = Field(None, ge=1)
+    max_pixels: int | None = Field(None, ge=1)
     gradient_checkpointing: bool = False
     # torch.compile each LM and ViT block (regional compilation): fewer, fused kernels per step
     compile: bool = False
@@ -114,6 +122,7 @@ class RunSetup:
     tokenizer: Any
     generation: dict[str, Any]  # the model's generation_config.json
     quant: str | None  # "gptq" | "nf4" for Q-LoRA
+    pixels: tuple[int, int] | None = None  # --min-pixels/--max-pixels resolved (the family's picture_pixels)
 
     @property
     def output(self) -> Path:

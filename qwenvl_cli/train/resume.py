@@ -34,6 +34,11 @@ def run_identity(
         "packing": options.packing,
         "lora_r": options.lora_r if PRESETS[rules.method].lora else None,
         "lora_targets": options.lora_targets if PRESETS[rules.method].lora else None,
+        # None when not given, as in the checkpoints of runs written before these options existed
+        "min_pixels": options.min_pixels,  # the samples' picture spans
+        "max_pixels": options.max_pixels,
+        # the optimizer's parameter groups (their count) differ with --vision-lr/--merger-lr
+        "part_learning_rates": True if options.vision_lr is not None or options.merger_lr is not None else None,
     }
 
 

@@ -33,7 +33,7 @@ from .engines import (
     single_process_group,
 )
 from .launch import world
-from .method import apply_method, count_parameters, load_model, quantisation, weights_gib
+from .method import apply_method, check_part_rates, count_parameters, load_model, quantisation, weights_gib
 from .options import EventHook, RunSetup, TrainOptions, TrainResult
 from .placement import compile_blocks
 from .presets import resolve_rules
@@ -65,6 +65,9 @@ def _run_training(options: TrainOptions, on_event: EventHook | None) -> TrainRes
     family = family_for(model_dir)
     if options.lora_targets is None:
         options = options.model_copy(update={"lora_targets": list(family.lora_targets)})
+    vit_implied = options.vision_lr is not None and options.method == "full" and not options.train_vit
+    if vit_implied:  # a learning rate for the vision tower means training it
+        options = options.model_copy(update={"train_vit": True})
     config = family.config(model_dir)
     generation = family.generation_config(model_dir)
     base_model = family.is_base_model(model_dir)
@@ -80,6 +83,8 @@ def _run_training(options: TrainOptions, on_event: EventHook | None) -> TrainRes
         train_vit=options.train_vit,
         gpu=gpu,
     )
+    if vit_implied:
+        rules.notes.append("--vision-lr: the vision tower trains (as with --train-vit)")
     if options.recipe == "upstream" and options.packing:
         raise QwenvlError(
             "--recipe upstream reproduces finetune.py, which pads every sample to --max-length and never packs",
@@ -94,7 +99,10 @@ def _run_training(options: TrainOptions, on_event: EventHook | None) -> TrainRes
     check_trackers(options.report_to)
     tokenizer = family.tokenizer(model_dir)
     image_root = options.image_root or Path(options.data).resolve().parent
-    template = family.template(tokenizer, image_root=image_root)
+    pixels = family.picture_pixels(model_dir, options.min_pixels, options.max_pixels, options.max_length)
+    # the picture bounds go to the families that take them (v1 refuses them in picture_pixels)
+    sized = {"pixels": pixels, "max_length": options.max_length} if pixels else {}
+    template = family.template(tokenizer, image_root=image_root, **sized)
     picture_tokens = family.picture_tokens()
     prepared = prepare_samples(
         options.data, template, options.max_length, picture_tokens, image_root, options.skip_invalid
@@ -105,7 +113,7 @@ def _run_training(options: TrainOptions, on_event: EventHook | None) -> TrainRes
         evaluation = (
             prepare_samples(
                 options.eval_data,
-                family.template(tokenizer, image_root=eval_root),
+                family.template(tokenizer, image_root=eval_root, **sized),
                 options.max_length,
                 picture_tokens,
                 eval_root,
@@ -133,6 +141,7 @@ def _run_training(options: TrainOptions, on_event: EventHook | None) -> TrainRes
     if options.recipe == "upstream":
         family.use_upstream_recipe(model)
     model = apply_method(model, options, rules, family)
+    check_part_rates(model, options, family)
     trainable, total = count_parameters(model)
     result = TrainResult(
         output=str(output),
@@ -174,7 +183,7 @@ def _run_training(options: TrainOptions, on_event: EventHook | None) -> TrainRes
             model.enable_input_require_grads()
     if options.compile:
         compile_blocks(model, family)
-    setup = RunSetup(options, family, rules, model_dir, config, tokenizer, generation, quant)
+    setup = RunSetup(options, family, rules, model_dir, config, tokenizer, generation, quant, pixels)
     # the trackers read their settings when the Trainer makes its callbacks and when training starts
     with tracker_environment(options.report_to, output):
         trainer = build_trainer(model, setup, prepared.samples, image_root, emit, evaluation, result)

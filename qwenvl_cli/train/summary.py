@@ -51,6 +51,8 @@ def write_run_folder(model, setup: RunSetup, prepared, identity, result, losses,
                     f"the fine-tuned model does not load in {'; '.join(lacking)}: the base folder has no "
                     "remote-code/tokenizer files to carry over (train from the downloaded official folder)"
                 )
+        if setup.pixels:  # the trained folder's processor makes the pictures the run trained on
+            family.record_pixels(staging, setup.pixels)
         curve = None
         if losses:
             from ..charts import loss_curve_png

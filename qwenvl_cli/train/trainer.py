@@ -12,6 +12,7 @@ import torch
 from . import placement
 from .data import pack_rows
 from .engines import deepspeed_config, fsdp_config, world_size
+from .method import parameter_groups
 from .options import RunSetup
 from .presets import PRESETS
 from .trackers import record_settings
@@ -44,6 +45,19 @@ def build_trainer(model, setup: RunSetup, samples, image_root: Path, emit, evalu
         qwenvl_padded_tokens = 0  # positions computed, padding included
         qwenvl_samples = 0
         qwenvl_seconds = 0.0
+
+        def create_optimizer(self, model=None):
+            if self.optimizer is None and (options.vision_lr is not None or options.merger_lr is not None):
+                opt_model = self.model if model is None else model
+                groups = parameter_groups(
+                    opt_model, family, options, self.args.learning_rate, self.get_decay_parameter_names(opt_model)
+                )
+                optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+                self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+            return super().create_optimizer(model)
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            return super().compute_loss(model, family.training_inputs(model, inputs), *args, **kwargs)
 
         def training_step(self, model, inputs, *args, **kwargs):
             tick = time.perf_counter()
@@ -136,12 +150,13 @@ def build_trainer(model, setup: RunSetup, samples, image_root: Path, emit, evalu
         eval_steps=options.eval_every,
         per_device_eval_batch_size=options.batch_size,
     )
+    sized = {"pixels": setup.pixels} if setup.pixels else {}  # --min-pixels/--max-pixels (Qwen2-VL and later)
     collator = family.collator(tokenizer, pad_to=options.max_length if options.recipe == "upstream" else None)
     trainer = QwenVLTrainer(
         model=model,
         args=arguments,
-        train_dataset=family.training_dataset(samples, config, image_root, options.max_length, rows),
-        eval_dataset=family.training_dataset(evaluation[0].samples, config, evaluation[1], options.max_length)
+        train_dataset=family.training_dataset(samples, config, image_root, options.max_length, rows, **sized),
+        eval_dataset=family.training_dataset(evaluation[0].samples, config, evaluation[1], options.max_length, **sized)
         if evaluation is not None
         else None,
         data_collator=collator,
