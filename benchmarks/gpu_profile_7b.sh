@@ -13,7 +13,7 @@
 #   compiled-qlora, compiled-lora-base   --compile at 2,048
 #   loss                benchmarks/loss_memory_bench.py on the GPU (chunked against whole loss)
 #   family-lora         LoRA at 2,048 on the official sizes of Qwen2.5-VL-7B and Qwen3-VL-8B (FAMILY_PRESETS)
-#   family-qlora        Q-LoRA at 2,048 on the same (a refused cell with its reason until family Q-LoRA exists)
+#   family-qlora        Q-LoRA (NF4) at 2,048 on the same
 #
 # The family grids come last in the default list, so a 540-s call rarely reaches them; run them alone with
 #   GRIDS=family-lora,family-qlora OUT=gpu-profile-family bash benchmarks/gpu_profile_7b.sh

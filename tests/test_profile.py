@@ -341,16 +341,16 @@ def test_family_grid_runs_on_cpu_and_states_the_picture_tokens(vl_models, tmp_pa
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
-def test_family_qlora_cell_is_refused_with_the_family_reason(vl_models, tmp_path, monkeypatch):
-    """Where the family does not train 4-bit, the qlora cell (a real worker process) carries the family's refusal."""
-    monkeypatch.setattr(profile_service, "_bitsandbytes", lambda: True)
+def test_family_qlora_cell_trains_4bit_in_a_worker(vl_models, tmp_path):
+    """A family's qlora cell (a real worker process) loads the language model in NF4 and takes real steps."""
     result = invoke(
         "--model", str(vl_models / "qwen3-vl"), "--methods", "qlora", "--lengths", "256",
         "--output", str(tmp_path / "p.json"),
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     cell = ProfileResult.model_validate_json((tmp_path / "p.json").read_text("utf-8")).cells[0]
-    assert cell.status == "failed" and "4-bit" in cell.reason  # to change when family Q-LoRA lands
+    assert (cell.method, cell.status) == ("qlora", "ok"), cell.reason
+    assert cell.seconds_per_step > 0 and cell.memory_gib > 0
 
 
 OFFICIAL_SIZES = {  # official config.json numbers; parameters: the official checkpoints' totals
