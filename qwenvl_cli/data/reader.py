@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
+from .messages import from_messages, is_messages_sample
+
 CHUNK_BYTES = 8 << 20
 BOM = b"\xef\xbb\xbf"
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -47,6 +49,11 @@ class Record:
     line: int  # 1-based line where the sample starts
     value: Any = None
     problem: FileProblem | None = None  # set when this JSONL line is not UTF-8 or not JSON
+    # A sample in the `messages` format (data/messages.py) is converted on read: `value` is the internal sample,
+    # `original` what the file holds, `fields[t]` the index in `messages` of turn t, `conversion` its problems.
+    original: Any = None
+    fields: list[int] | None = None
+    conversion: list | None = None
 
 
 class DataFile:
@@ -89,9 +96,17 @@ class DataFile:
         that do not parse are yielded with `problem` set, and reading goes on."""
         with open(self.path, "rb") as handle:
             if self.format == "json":
-                yield from _json_list_records(handle, self.path, on_progress)
+                records = _json_list_records(handle, self.path, on_progress)
             else:
-                yield from _jsonl_records(handle, on_progress)
+                records = _jsonl_records(handle, on_progress)
+            for record in records:
+                if is_messages_sample(record.value):
+                    converted = from_messages(record.value, record.index)
+                    record.original = record.value
+                    record.value = converted.sample
+                    record.fields = converted.fields
+                    record.conversion = converted.problems
+                yield record
 
 
 def _first_byte(handle: BinaryIO) -> tuple[bytes | None, int]:
@@ -297,7 +312,7 @@ def _byte_line_col(path: Path, offset: int) -> tuple[int, int, int]:
 
 def _single_object_message(obj: Any) -> str:
     if isinstance(obj, dict):
-        if "conversations" in obj:
+        if "conversations" in obj or "messages" in obj:
             return "the file holds a single sample object; wrap it in a list: [ {...} ]"
         for key, value in obj.items():
             if isinstance(value, list) and value and isinstance(value[0], dict):

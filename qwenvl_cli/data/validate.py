@@ -30,6 +30,9 @@ from .lengths import LengthChecker
 from .reader import DataFile, DataFileError, FileProblem
 from .structure import ImageRef, SampleChecker
 
+# Codes about a whole `conversations` list: in a messages sample they are about its `messages`.
+_MESSAGES_LEVEL = frozenset({"S106", "S107", "S108", "S116", "S118"})
+
 # stage ("read", "images"), done, total, detail
 ProgressHook = Callable[[str, int, int, str], None]
 
@@ -67,16 +70,23 @@ class _Collector:
         self.index: int | None = None
         self.line: int | None = None
         self.sample_id: str | None = None
+        self.fields: list[int] | None = None  # messages samples: turn -> index in `messages`
 
-    def sample(self, state: _FileState, index: int, line: int, value: object) -> None:
-        self.state, self.index, self.line = state, index, line
+    def sample(self, state: _FileState, index: int, line: int, value: object, fields: list[int] | None = None) -> None:
+        self.state, self.index, self.line, self.fields = state, index, line, fields
         sid = value.get("id") if isinstance(value, dict) else None
         self.sample_id = sid if isinstance(sid, str) else (None if sid is None else str(sid))
 
     def emit(
         self, code: str, message: str, turn: int | None = None, snippet: str | None = None, fix: str | None = None
     ) -> None:
-        self.add(code, message, self.state, self.index, self.line, self.sample_id, turn, snippet, fix)
+        where = None
+        if self.fields is not None:
+            if turn is None:
+                where = "messages" if code in _MESSAGES_LEVEL else None
+            elif turn < len(self.fields):
+                where = f"messages[{self.fields[turn]}].content"
+        self.add(code, message, self.state, self.index, self.line, self.sample_id, turn, snippet, fix, field=where)
 
     def add(
         self,
@@ -90,6 +100,7 @@ class _Collector:
         snippet: str | None = None,
         fix: str | None = None,
         column: int | None = None,
+        field: str | None = None,
     ) -> None:
         info = CHECKS[code]
         self.findings.append(
@@ -105,6 +116,7 @@ class _Collector:
                 sample_index=index,
                 sample_id=sample_id,
                 turn=turn,
+                field=field,
                 snippet=snippet,
             )
         )
@@ -224,7 +236,21 @@ def _read_file(
                     column=problem.column,
                 )
                 continue
-            collector.sample(state, record.index, record.line, record.value)
+            collector.sample(state, record.index, record.line, record.value, record.fields)
+            if record.conversion:
+                for problem in record.conversion:
+                    add(
+                        problem.code,
+                        f"{problem.field}: {problem.message}",
+                        state,
+                        record.index,
+                        record.line,
+                        collector.sample_id,
+                        None,
+                        None,
+                        problem.fix,
+                        field=problem.field,
+                    )
             checked = check(record.index, record.line, record.value, emit)
             if checked.images:
                 state.images.extend(checked.images)
@@ -356,7 +382,7 @@ def write_clean(states: list[_FileState], output: Path, strict: bool) -> int:
                 for record in state.data.records():
                     if record.index in excluded or record.problem is not None:
                         continue
-                    sample = record.value
+                    sample = record.value if record.original is None else record.original
                     if jsonl:
                         handle.write(json.dumps(sample, ensure_ascii=False))
                         handle.write("\n")

@@ -1,0 +1,109 @@
+"""The `messages` data format (LLaMA-Factory / ms-swift): recognised per sample, converted on read, checked."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+
+from qwenvl_cli.data.messages import from_messages
+from qwenvl_cli.data.reader import DataFile
+from qwenvl_cli.data.validate import ValidateOptions, validate_data
+
+
+def messages_sample(*contents: str, images=None, **extra) -> dict:
+    roles = ["user", "assistant"] * len(contents)
+    sample = {"messages": [{"role": r, "content": c} for r, c in zip(roles, contents, strict=False)], **extra}
+    if images is not None:
+        sample["images"] = images
+    return sample
+
+
+def test_placeholders_become_numbered_pictures_in_order():
+    sample = messages_sample("<image><image>Compare them.", "Same.", "And <image>?", "Other.", images=list("abc"))
+    converted = from_messages(sample, 4)
+    assert converted.problems == []
+    assert converted.sample == {
+        "id": "sample-4",
+        "conversations": [
+            {"from": "user", "value": "Picture 1: <img>a</img>\nPicture 2: <img>b</img>\nCompare them."},
+            {"from": "assistant", "value": "Same."},
+            {"from": "user", "value": "And Picture 3: <img>c</img>\n?"},
+            {"from": "assistant", "value": "Other."},
+        ],
+    }
+    assert converted.fields == [0, 1, 2, 3]
+
+
+def test_an_explicit_id_is_kept():
+    assert from_messages(messages_sample("Hi", "Hello", id="x7"), 0).sample["id"] == "x7"
+
+
+def test_count_mismatch_system_and_video_are_problems():
+    sample = messages_sample("<image><image>Q", "A", images=["a.png"])
+    assert [p.code for p in from_messages(sample, 0).problems] == ["S120"]
+    system = {"messages": [{"role": "system", "content": "Be brief."}, *messages_sample("Q", "A")["messages"]]}
+    converted = from_messages(system, 0)
+    assert [(p.code, p.field) for p in converted.problems] == [("S121", "messages[0]")]
+    assert converted.fields == [1, 2]
+    video = messages_sample("<video>What happens?", "A fall.", videos=["v.mp4"])
+    assert [p.code for p in from_messages(video, 0).problems] == ["S122", "S122"]
+    assert [p.code for p in from_messages(messages_sample("Q", "A", images="a.png"), 0).problems] == ["S123"]
+
+
+def test_reader_converts_messages_samples_in_json_and_jsonl(write_json, write_jsonl):
+    samples = [messages_sample("<image>What?", "A cat.", images=["c.png"]), messages_sample("Hi", "Hello")]
+    for path in (write_json(samples), write_jsonl(samples)):
+        records = list(DataFile.open(path).records())
+        assert records[0].value["conversations"][0]["value"] == "Picture 1: <img>c.png</img>\nWhat?"
+        assert records[0].original == samples[0]
+        assert records[1].value["id"] == "sample-1"
+
+
+def test_validate_data_accepts_a_good_messages_file_and_checks_its_pictures(write_json, tmp_path):
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "c.png")
+    path = write_json([messages_sample("<image>What colour?", "Red.", images=["c.png"])])
+    report = validate_data([path])
+    assert report.findings == []
+    assert report.files[0].valid_samples == 1
+    path = write_json([messages_sample("<image>What colour?", "Red.", images=["gone.png"])], "gone.json")
+    assert [f.code for f in validate_data([path]).findings] == ["I401"]
+
+
+def test_validate_data_names_the_messages_field(write_jsonl):
+    bad_role = {
+        "id": "r",
+        "messages": [{"role": "user", "content": "Q"}, {"role": "gpt", "content": "A"}],
+    }
+    system = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}, {"role": "bot"}]}
+    bad_box = messages_sample("Where?", "<ref>cat</ref><box>(1,2),(3)</box>")
+    mismatch = messages_sample("<image>Q", "A", images=["a.png", "b.png"])
+    path = write_jsonl([bad_role, system, bad_box, mismatch])
+    report = validate_data([path], ValidateOptions(check_images=False))
+    found = {(f.sample_index, f.code, f.sample_id, f.field) for f in report.findings}
+    assert (0, "S113", "r", "messages[1].content") in found, found
+    assert (1, "S121", "sample-1", "messages[0]") in found
+    assert (1, "S113", "sample-1", "messages[2].content") in found  # turn 1 is messages[2] after the system one
+    assert (2, "B301", "sample-2", "messages[1].content") in found
+    assert (3, "S120", "sample-3", "images") in found
+    assert report.files[0].valid_samples == 0
+
+
+def test_output_clean_keeps_the_messages_format(write_json, tmp_path):
+    good = messages_sample("Q", "A", id="g")
+    path = write_json([good, messages_sample("<image>Q", "A")])
+    out = tmp_path / "clean.json"
+    validate_data([path], ValidateOptions(output_clean=out))
+    assert json.loads(out.read_text("utf-8")) == [good]
+
+
+def test_cli_shows_the_field(write_json):
+    from typer.testing import CliRunner
+
+    from qwenvl_cli.cli import app
+
+    path = write_json([messages_sample("<video>Q", "A")])
+    result = CliRunner().invoke(app, ["validate-data", str(path)])
+    assert result.exit_code == 1
+    assert "messages[0].content" in result.output
+    assert "S122" in result.output
