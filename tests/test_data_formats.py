@@ -6,7 +6,7 @@ import json
 
 from PIL import Image
 
-from qwenvl_cli.data.messages import from_messages
+from qwenvl_cli.data.messages import from_messages, to_messages
 from qwenvl_cli.data.reader import DataFile
 from qwenvl_cli.data.validate import ValidateOptions, validate_data
 
@@ -107,3 +107,51 @@ def test_cli_shows_the_field(write_json):
     assert result.exit_code == 1
     assert "messages[0].content" in result.output
     assert "S122" in result.output
+
+
+def test_to_messages_and_back_is_the_same_sample():
+    from qwenvl_cli.demo import DEMO_DATA
+
+    for sample in json.loads(DEMO_DATA.read_text("utf-8"))[:20]:
+        converted = from_messages(to_messages(sample), 0)
+        assert converted.problems == []
+        assert converted.sample == sample
+
+
+def test_training_encodes_a_messages_file_as_its_conversations_twin(vl_models, tmp_path):
+    """Every family reads the messages format: the same tokens (pictures included) as the internal format."""
+    from qwenvl_cli.demo import DEMO_DATA
+    from qwenvl_cli.families import family_for
+    from qwenvl_cli.train.data import prepare_samples
+
+    samples = json.loads(DEMO_DATA.read_text("utf-8"))[:4]
+    twin = tmp_path / "twin.jsonl"
+    twin.write_text("".join(json.dumps(to_messages(s)) + "\n" for s in samples), "utf-8")
+    original = tmp_path / "original.json"
+    original.write_text(json.dumps(samples), "utf-8")
+    for name in ("qwen2.5-vl", "qwen3-vl"):
+        family = family_for(vl_models / name)
+        template = family.template(family.tokenizer(vl_models / name), image_root=DEMO_DATA.parent)
+        args = (template, 4096, family.picture_tokens(), DEMO_DATA.parent)
+        got = prepare_samples(twin, *args).samples
+        want = prepare_samples(original, *args).samples
+        assert [s.input_ids for s in got] == [s.input_ids for s in want]
+        assert [s.labels for s in got] == [s.labels for s in want]
+        assert got[0].image_paths and got[0].image_paths == want[0].image_paths
+
+
+def test_validate_data_with_a_family_model_counts_tokens_of_a_messages_file(vl_models, tmp_path):
+    from typer.testing import CliRunner
+
+    from qwenvl_cli.cli import app
+    from qwenvl_cli.demo import DEMO_DATA
+
+    samples = [to_messages(s) for s in json.loads(DEMO_DATA.read_text("utf-8"))[:3]]
+    data = tmp_path / "m.json"
+    data.write_text(json.dumps(samples), "utf-8")
+    args = ["validate-data", str(data), "--model", str(vl_models / "qwen2-vl"), "--image-root", str(DEMO_DATA.parent)]
+    result = CliRunner().invoke(app, [*args, "--format", "json", "--max-length", "30"])
+    report = json.loads(result.stdout)
+    assert report["lengths"]["count"] == 3
+    assert report["lengths"]["over_limit"] == 3
+    assert {f["code"] for f in report["findings"]} <= {"L501", "L502", "L503"} and report["findings"]

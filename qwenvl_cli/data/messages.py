@@ -12,6 +12,7 @@ conversion, so that `validate-data` can report every one of them with the field 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,3 +125,24 @@ def from_messages(value: dict[str, Any], index: int) -> Converted:
         )
     sample["conversations"] = turns
     return Converted(sample, fields, problems)
+
+
+_PICTURE = re.compile(r"(?:Picture \d+: ?)?<img>(.*?)</img>\n?", re.DOTALL)
+
+
+def to_messages(sample: dict[str, Any]) -> dict[str, Any]:
+    """An internal sample in the `messages` format: each `Picture N: <img>PATH</img>\\n` → `<image>` and PATH
+    appended to `images` (from_messages gives the sample back)."""
+    images: list[str] = []
+
+    def picture(match: re.Match) -> str:
+        images.append(match.group(1))
+        return PLACEHOLDER
+
+    messages = [
+        {"role": turn["from"], "content": _PICTURE.sub(picture, turn["value"])} for turn in sample["conversations"]
+    ]
+    out: dict[str, Any] = {"id": sample["id"], "messages": messages} if "id" in sample else {"messages": messages}
+    if images:
+        out["images"] = images
+    return out
