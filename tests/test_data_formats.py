@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 
+from qwenvl_cli.data.boxes import CONVENTIONS, BoxError, Pictures, from_internal, to_internal
+from qwenvl_cli.data.convert import convert_file
 from qwenvl_cli.data.messages import from_messages, to_messages
 from qwenvl_cli.data.reader import DataFile
 from qwenvl_cli.data.validate import ValidateOptions, validate_data
+from qwenvl_cli.errors import QwenvlError
 
 
 def messages_sample(*contents: str, images=None, **extra) -> dict:
@@ -155,3 +159,136 @@ def test_validate_data_with_a_family_model_counts_tokens_of_a_messages_file(vl_m
     assert report["lengths"]["count"] == 3
     assert report["lengths"]["over_limit"] == 3
     assert {f["code"] for f in report["findings"]} <= {"L501", "L502", "L503"} and report["findings"]
+
+
+# -- box conventions (docs/families.md §4's worked example: a 1000×750 picture, the box (200,150)-(600,525) px) --
+INTERNAL = "<ref>cat</ref><box>(200,200),(600,700)</box>"
+EXAMPLE = {
+    "qwen-vl": INTERNAL,
+    "qwen2-vl": "<|object_ref_start|>cat<|object_ref_end|><|box_start|>(200,200),(600,700)<|box_end|>",
+    "qwen2.5-vl": '{"bbox_2d": [202, 151, 605, 529], "label": "cat"}',
+    "qwen3-vl": '{"bbox_2d": [200, 200, 600, 700], "label": "cat"}',
+    "pixels": "<ref>cat</ref><box>(200,150),(600,525)</box>",
+}
+
+
+def example_picture(folder):
+    Image.new("RGB", (1000, 750), "white").save(folder / "p.png")
+    return Pictures(folder)
+
+
+def test_worked_example_to_and_from_every_convention(tmp_path):
+    pictures = example_picture(tmp_path)
+    for convention, text in EXAMPLE.items():
+        assert from_internal(INTERNAL, convention, pictures, "p.png") == (text, "p.png"), convention
+        assert to_internal(text, convention, pictures, "p.png") == (INTERNAL, "p.png"), convention
+    # The latest picture of the text itself is the one a box refers to.
+    text = "Picture 1: <img>p.png</img>\nWhere? " + EXAMPLE["qwen2.5-vl"]
+    assert to_internal(text, "qwen2.5-vl", pictures, None)[0] == "Picture 1: <img>p.png</img>\nWhere? " + INTERNAL
+
+
+def test_a_pixel_box_needs_a_picture_and_a_readable_box(tmp_path):
+    pictures = example_picture(tmp_path)
+    with pytest.raises(BoxError, match="comes before any picture"):
+        to_internal(EXAMPLE["pixels"], "pixels", pictures, None)
+    with pytest.raises(BoxError, match="cannot be opened"):
+        to_internal(EXAMPLE["qwen2.5-vl"], "qwen2.5-vl", pictures, "gone.png")
+    with pytest.raises(BoxError, match="is not a box"):
+        to_internal('{"bbox_2d": [1, 2], "label": "x"}', "qwen3-vl", pictures, None)
+
+
+def test_declared_boxes_are_converted_on_read_and_boxes_overrides(write_jsonl, tmp_path):
+    example_picture(tmp_path)
+    user = "<image>Where is the cat?"
+    samples = [
+        messages_sample(user, EXAMPLE["qwen2.5-vl"], images=["p.png"], boxes="qwen2.5-vl"),
+        {
+            "id": "c",
+            "boxes": "pixels",
+            "conversations": [
+                {"from": "user", "value": "Picture 1: <img>p.png</img>\nWhere?"},
+                {"from": "assistant", "value": EXAMPLE["pixels"]},
+            ],
+        },
+    ]
+    path = write_jsonl(samples)
+    records = list(DataFile.open(path).records())
+    assert [r.value["conversations"][1]["value"] for r in records] == [INTERNAL, INTERNAL]
+    assert "boxes" not in records[1].value and records[1].original == samples[1]
+    overridden = list(DataFile.open(path, boxes="qwen-vl").records())
+    assert overridden[1].value["conversations"][1]["value"] == EXAMPLE["pixels"]
+    report = validate_data([path])
+    assert report.findings == [] and report.files[0].valid_samples == 2
+
+
+def test_validate_data_reports_unknown_conventions_and_unconvertible_boxes(write_json, tmp_path):
+    example_picture(tmp_path)
+    unknown = messages_sample("<image>Q", INTERNAL, images=["p.png"], boxes="yolo")
+    early = messages_sample("Where?", EXAMPLE["qwen2.5-vl"], boxes="qwen2.5-vl")
+    report = validate_data([write_json([unknown, early])])
+    found = [(f.sample_index, f.code, f.field) for f in report.findings]
+    assert found == [(0, "B310", "boxes"), (1, "B311", "messages[1].content")]
+    with pytest.raises(QwenvlError, match="--boxes yolo"):
+        validate_data([write_json([])], ValidateOptions(boxes="yolo"))
+
+
+def test_convert_round_trips_the_demo_data_in_every_convention(tmp_path):
+    """Convert to X, read back declared as X: the same internal boxes within the rounding of a pixel grid."""
+    from qwenvl_cli.demo import DEMO_DATA
+
+    source = tmp_path / "demo.json"
+    samples = json.loads(DEMO_DATA.read_text("utf-8"))[:40]
+    source.write_text(json.dumps(samples), "utf-8")
+    want = [r.value for r in DataFile.open(source, image_root=DEMO_DATA.parent).records()]
+    assert sum(t["value"].count("<box>") for s in want for t in s["conversations"]) > 5
+    for convention in CONVENTIONS:
+        for fmt in ("conversations", "messages"):
+            out = tmp_path / f"{convention}.{fmt}.jsonl"
+            summary = convert_file(source, convention, out, fmt=fmt, image_root=DEMO_DATA.parent)
+            assert summary.samples == len(samples) and summary.format == fmt
+            lines = [json.loads(line) for line in out.read_text("utf-8").splitlines()]
+            assert all(line["boxes"] == convention and (fmt in line) for line in lines)
+            got = [r.value for r in DataFile.open(out, image_root=DEMO_DATA.parent).records()]
+            for a, b in zip(got, want, strict=True):
+                assert same_within_one(a["conversations"], b["conversations"]), (convention, a, b)
+    assert "bbox_2d" in (tmp_path / "qwen2.5-vl.conversations.jsonl").read_text("utf-8")
+    assert "<|box_start|>" in (tmp_path / "qwen2-vl.messages.jsonl").read_text("utf-8")
+
+
+def same_within_one(got, want) -> bool:
+    import re
+
+    number = re.compile(r"\d+")
+    for a, b in zip(got, want, strict=True):
+        if number.sub("#", a["value"]) != number.sub("#", b["value"]):
+            return False
+        pairs = zip(number.findall(a["value"]), number.findall(b["value"]), strict=True)
+        if any(abs(int(x) - int(y)) > 1 for x, y in pairs):
+            return False
+    return True
+
+
+def test_data_convert_command_says_which_budget_and_refuses_bad_input(vl_models, tmp_path):
+    from typer.testing import CliRunner
+
+    from qwenvl_cli.cli import app
+
+    example_picture(tmp_path)
+    source = tmp_path / "in.json"
+    source.write_text(json.dumps([messages_sample("<image>Where?", INTERNAL, images=["p.png"])]), "utf-8")
+    out = tmp_path / "out.json"
+    result = CliRunner().invoke(app, ["data", "convert", str(source), "--to", "qwen2.5-vl", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "official Qwen2.5-VL defaults" in result.output and "1 boxes" in result.output
+    written = json.loads(out.read_text("utf-8"))[0]
+    assert written["messages"][1]["content"] == EXAMPLE["qwen2.5-vl"] and written["images"] == ["p.png"]
+    model = vl_models / "qwen2.5-vl"
+    args = ["data", "convert", str(source), "--to", "qwen2.5-vl", "--model", str(model), "--output", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0 and "processor (min_pixels" in result.output
+    bad = CliRunner().invoke(app, ["data", "convert", str(source), "--to", "yolo", "--output", str(out)])
+    assert bad.exit_code != 0 and "qwen2.5-vl" in bad.output
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps([messages_sample("<image><image>Q", "A", images=["p.png"])]), "utf-8")
+    bad = CliRunner().invoke(app, ["data", "convert", str(broken), "--to", "qwen3-vl", "--output", str(out)])
+    assert bad.exit_code != 0 and "images" in bad.output and "<image>" in bad.output

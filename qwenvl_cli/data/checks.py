@@ -345,6 +345,23 @@ _TABLE: list[tuple[str, str, Severity, str, str, str]] = [
         "Write four corners: `(x1,y1),(x2,y2),(x3,y3),(x4,y4)`.",
     ),
     (
+        "B310",
+        "boxes-convention-unknown",
+        E,
+        "box",
+        "The sample's `boxes` key (or --boxes) names no known box convention.",
+        "Write one of qwen-vl, qwen2-vl, qwen2.5-vl, qwen3-vl, pixels (docs/data-format.md, Box conventions).",
+    ),
+    (
+        "B311",
+        "box-not-convertible",
+        E,
+        "box",
+        "A box of the declared convention cannot be converted to relative [0,1000): it cannot be read, it comes "
+        "before any picture, or its picture cannot be opened.",
+        "Fix the box or its picture, or declare the convention the file really uses (`boxes` key or --boxes).",
+    ),
+    (
         "I401",
         "image-not-found",
         E,

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from .messages import from_messages, is_messages_sample
+from .boxes import CONVENTIONS, QWEN25_DEFAULT_RESIZE, BoxError, Pictures, to_internal
+from .messages import ConversionProblem, from_messages, is_messages_sample
 
 CHUNK_BYTES = 8 << 20
 BOM = b"\xef\xbb\xbf"
@@ -64,10 +65,27 @@ class DataFile:
         self.path = path
         self.format = fmt
         self.size = size
+        self.boxes: str | None = None  # --boxes: the box convention of every sample, over their `boxes` keys
+        self.pictures: Pictures | None = None  # sizes of pictures, for conventions in pixels
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> DataFile:
-        path = Path(path)
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        boxes: str | None = None,
+        image_root: Path | None = None,
+        resize: tuple[int, int, int] | None = None,
+    ) -> DataFile:
+        """`boxes`, `image_root` and `resize` (Qwen2.5-VL's factor, min and max pixels) only matter to files whose
+        boxes are declared in another convention than qwen-vl (data/boxes.py)."""
+        data = cls._open(Path(path))
+        data.boxes = boxes
+        root = Path(image_root) if image_root is not None else data.path.resolve().parent
+        data.pictures = Pictures(root, resize or QWEN25_DEFAULT_RESIZE)
+        return data
+
+    @classmethod
+    def _open(cls, path: Path) -> DataFile:
         if not path.exists():
             raise DataFileError(FileProblem("F001", f"{path} does not exist"))
         if not path.is_file():
@@ -106,7 +124,38 @@ class DataFile:
                     record.value = converted.sample
                     record.fields = converted.fields
                     record.conversion = converted.problems
+                if isinstance(record.value, dict) and (self.boxes is not None or "boxes" in record.value):
+                    self._convert_boxes(record)
                 yield record
+
+    def _convert_boxes(self, record: Record) -> None:
+        """Boxes of a declared convention → the internal markup (problems go to `record.conversion`)."""
+        value = record.value
+        if record.original is None:
+            record.original = value
+        value = record.value = dict(value)
+        declared = value.pop("boxes", None)
+        convention = self.boxes or declared
+        problems = record.conversion = record.conversion or []
+        if convention not in CONVENTIONS:
+            message = f"{json.dumps(convention)} is not a box convention (one of {', '.join(CONVENTIONS)})"
+            problems.append(ConversionProblem("B310", message, "boxes"))
+            return
+        turns = value.get("conversations")
+        if convention == "qwen-vl" or not isinstance(turns, list):
+            return
+        out, latest = [], None
+        for t, turn in enumerate(turns):
+            if isinstance(turn, dict) and isinstance(turn.get("value"), str):
+                try:
+                    text, latest = to_internal(turn["value"], convention, self.pictures, latest)
+                except BoxError as exc:
+                    where = f"messages[{record.fields[t]}].content" if record.fields else f"conversations[{t}].value"
+                    problems.append(ConversionProblem("B311", str(exc), where))
+                    text = turn["value"]
+                turn = {**turn, "value": text}
+            out.append(turn)
+        value["conversations"] = out
 
 
 def _first_byte(handle: BinaryIO) -> tuple[bytes | None, int]:

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from .. import __version__
 from ..errors import QwenvlError
 from ..schemas import FileSummary, Finding, Severity, ValidationReport
+from .boxes import CONVENTIONS, resize_of
 from .checks import CHECKS
 from .images import (
     MAX_PATH_BYTES,
@@ -44,6 +45,7 @@ class ValidateOptions(BaseModel):
     url_timeout: float = 10.0
     url_cache: bool = True
     model: Path | None = None
+    boxes: str | None = None  # --boxes: every sample's box convention (data/boxes.py), over its `boxes` key
     max_length: int = 2048
     strict: bool = False
     workers: int | None = None
@@ -134,6 +136,8 @@ def validate_data(
     started = time.perf_counter()
     if not paths:
         raise QwenvlError("no data file given", "Pass one or more .json / .jsonl files")
+    if options.boxes is not None and options.boxes not in CONVENTIONS:
+        raise QwenvlError(f"--boxes {options.boxes} is not a box convention", f"Pass one of {', '.join(CONVENTIONS)}")
     states = [_FileState(Path(p), FileSummary(path=str(p))) for p in paths]
     if options.output_clean is not None:
         _refuse_overwriting_input(options.output_clean, states)
@@ -143,8 +147,9 @@ def validate_data(
         root = options.image_root or Path(paths[0]).resolve().parent
         lengths = LengthChecker(options.model, options.max_length, image_root=root)
     collector = _Collector()
+    resize = resize_of(options.model)[0]
     for state in states:
-        _read_file(state, collector, lengths, on_progress)
+        _read_file(state, collector, lengths, on_progress, options, resize)
 
     image_stats = _check_images(states, options, collector, on_progress)
 
@@ -200,11 +205,16 @@ def _refuse_overwriting_input(output: Path, states: list[_FileState]) -> None:
 
 
 def _read_file(
-    state: _FileState, collector: _Collector, lengths: LengthChecker | None, on_progress: ProgressHook | None
+    state: _FileState,
+    collector: _Collector,
+    lengths: LengthChecker | None,
+    on_progress: ProgressHook | None,
+    options: ValidateOptions,
+    resize: tuple[int, int, int],
 ) -> None:
     summary = state.summary
     try:
-        data = DataFile.open(state.path)
+        data = DataFile.open(state.path, options.boxes, options.image_root, resize)
     except DataFileError as exc:
         _file_problem(collector, state, exc.problem)
         return

@@ -1,0 +1,207 @@
+"""Box conventions of data files (docs/data-format.md "Box conventions"): every declared convention ↔ the internal
+`<ref>label</ref><box>(x1,y1),(x2,y2)</box>` markup with numbers relative to the original picture, [0,1000).
+
+A sample declares its convention with a `"boxes"` key (`--boxes` overrides it for a whole file); no key means
+`qwen-vl`. Pictures are needed only for `qwen2.5-vl` (pixels of the processor-resized picture) and `pixels`
+(pixels of the original picture): a box refers to the latest picture before it in the conversation, as in training.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..grounding import (
+    _round,
+    absolute_to_relative,
+    clamp_relative,
+    json_box,
+    pixels_to_relative,
+    relative_to_absolute,
+    smart_resize,
+    special_token_box,
+)
+from ..markup import parse_box_text
+
+CONVENTIONS = ("qwen-vl", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "pixels")
+DEFAULT = "qwen-vl"
+# The official Qwen2.5-VL processor's budget (preprocessor_config.json of the released models): patch 14 × merge 2.
+QWEN25_DEFAULT_RESIZE = (28, 3136, 12845056)  # factor, min_pixels, max_pixels
+
+_INTERNAL = re.compile(r"(?:<ref>(?P<label>.*?)</ref>\s*)?<box>(?P<box>.*?)</box>|<img>(?P<img>.*?)</img>", re.DOTALL)
+_TOKENS = re.compile(
+    r"(?:<\|object_ref_start\|>(?P<label>.*?)<\|object_ref_end\|>\s*)?<\|box_start\|>(?P<box>.*?)<\|box_end\|>"
+    r"|<img>(?P<img>.*?)</img>",
+    re.DOTALL,
+)
+_JSON = re.compile(r'\{[^{}]*"bbox_2d"[^{}]*\}|<img>(?P<img>.*?)</img>', re.DOTALL)
+
+
+class BoxError(ValueError):
+    """A box that cannot be converted (its message names it)."""
+
+
+@dataclass
+class Pictures:
+    """Sizes of the pictures of a file (opened once per path, header only)."""
+
+    root: Path
+    resize: tuple[int, int, int] = QWEN25_DEFAULT_RESIZE
+
+    def __post_init__(self) -> None:
+        self._sizes: dict[str, tuple[int, int]] = {}
+
+    def original(self, path: str) -> tuple[int, int]:
+        """(W, H) of the picture as stored."""
+        if path not in self._sizes:
+            from PIL import Image
+
+            target = Path(path) if Path(path).is_absolute() else self.root / path
+            try:
+                with Image.open(target) as image:
+                    self._sizes[path] = image.size
+            except (OSError, ValueError) as exc:
+                raise BoxError(f"picture {path} cannot be opened to convert its boxes ({exc})") from None
+        return self._sizes[path]
+
+    def resized(self, path: str) -> tuple[int, int]:
+        """(W′, H′) of the picture after the Qwen2.5-VL processor's smart_resize."""
+        width, height = self.original(path)
+        factor, low, high = self.resize
+        resized_h, resized_w = smart_resize(height, width, factor, low, high)
+        return resized_w, resized_h
+
+
+def _points(raw: str) -> tuple[int, int, int, int]:
+    parsed = parse_box_text(raw)
+    if parsed.points is None or len(parsed.points) != 2:
+        raise BoxError(f"box {raw!r} cannot be read: {parsed.message}")
+    (x1, y1), (x2, y2) = parsed.points
+    return x1, y1, x2, y2
+
+
+def _internal(box, label: str | None) -> str:
+    x1, y1, x2, y2 = box
+    ref = f"<ref>{label}</ref>" if label is not None else ""
+    return f"{ref}<box>({x1},{y1}),({x2},{y2})</box>"
+
+
+def _need(picture: str | None, raw: str, convention: str) -> str:
+    if picture is None:
+        raise BoxError(f"box {raw.strip()} comes before any picture, and `{convention}` boxes are pixels of a picture")
+    return picture
+
+
+def to_internal(text: str, convention: str, pictures: Pictures | None, picture: str | None) -> tuple[str, str | None]:
+    """`text` with every box of `convention` in the internal markup, and the latest picture after it."""
+    if convention == "qwen2-vl":
+        pattern = _TOKENS
+    elif convention in ("qwen2.5-vl", "qwen3-vl"):
+        pattern = _JSON
+    else:
+        pattern = _INTERNAL
+    latest = picture
+
+    def replace(match: re.Match) -> str:
+        nonlocal latest
+        if match.group("img") is not None:
+            latest = match.group("img")
+            return match.group(0)
+        if pattern is _JSON:
+            try:
+                entry = json.loads(match.group(0))
+                numbers = entry["bbox_2d"]
+                x1, y1, x2, y2 = (_round(float(v)) for v in numbers)
+            except (ValueError, TypeError, KeyError):
+                raise BoxError(f"{match.group(0)} is not a box {{'bbox_2d': [x1, y1, x2, y2], ...}}") from None
+            label = entry.get("label")
+            label = None if label is None else str(label)
+        else:
+            x1, y1, x2, y2 = _points(match.group("box"))
+            label = match.group("label")
+        box = (x1, y1, x2, y2)
+        if convention == "qwen2.5-vl":
+            box = absolute_to_relative(box, *pictures.resized(_need(latest, match.group(0), convention)))
+        elif convention == "pixels":
+            box = pixels_to_relative(box, *pictures.original(_need(latest, match.group(0), convention)))
+        elif convention in ("qwen2-vl", "qwen3-vl"):
+            box = clamp_relative(box)
+        return _internal(box, label)
+
+    return pattern.sub(replace, text), latest
+
+
+def from_internal(text: str, convention: str, pictures: Pictures | None, picture: str | None) -> tuple[str, str | None]:
+    """`text` (internal markup) with every box written in `convention`, and the latest picture after it."""
+    latest = picture
+
+    def replace(match: re.Match) -> str:
+        nonlocal latest
+        if match.group("img") is not None:
+            latest = match.group("img")
+            return match.group(0)
+        box = _points(match.group("box"))
+        label = match.group("label")
+        if convention == "qwen-vl":
+            return match.group(0)
+        if convention == "qwen2-vl":
+            return special_token_box(clamp_relative(box), label)
+        if convention == "qwen3-vl":
+            return json_box(clamp_relative(box), label)
+        path = _need(latest, match.group(0), convention)
+        if convention == "qwen2.5-vl":
+            return json_box(relative_to_absolute(box, *pictures.resized(path)), label)
+        width, height = pictures.original(path)
+        x1, y1, x2, y2 = box
+        pixels = (
+            _round(x1 * width / 1000),
+            _round(y1 * height / 1000),
+            _round(x2 * width / 1000),
+            _round(y2 * height / 1000),
+        )
+        return _internal(pixels, label)
+
+    return _INTERNAL.sub(replace, text), latest
+
+
+def convert_turns(
+    turns: list[Any],
+    convert: Callable[[str, str, Pictures | None, str | None], tuple[str, str | None]],
+    convention: str,
+    pictures: Pictures | None,
+) -> list[Any]:
+    """A copy of `conversations` with every turn's value converted (turns that are not well-formed are kept)."""
+    out = []
+    latest = None
+    for turn in turns:
+        if isinstance(turn, dict) and isinstance(turn.get("value"), str):
+            value, latest = convert(turn["value"], convention, pictures, latest)
+            turn = {**turn, "value": value}
+        out.append(turn)
+    return out
+
+
+def check_convention(name: Any, where: str) -> str:
+    if name not in CONVENTIONS:
+        raise BoxError(f"{where} {json.dumps(name)} is not a box convention (one of {', '.join(CONVENTIONS)})")
+    return name
+
+
+def resize_of(model_dir: Path | None) -> tuple[tuple[int, int, int], str]:
+    """Qwen2.5-VL's (factor, min_pixels, max_pixels) for pixel boxes, and where they come from: the model folder's
+    image processor when it has one of the Qwen2-VL kind, else the official defaults."""
+    if model_dir is not None:
+        from ..families.hf_vl import image_processor, pixel_budget
+
+        try:
+            patch, merge, low, high = pixel_budget(image_processor(Path(model_dir)))
+        except Exception:  # a v1 folder (no such processor): the official budget
+            pass
+        else:
+            return (patch * merge, low, high), f"{model_dir}'s processor (min_pixels {low:,}, max_pixels {high:,})"
+    _factor, low, high = QWEN25_DEFAULT_RESIZE
+    return QWEN25_DEFAULT_RESIZE, f"the official Qwen2.5-VL defaults (min_pixels {low:,}, max_pixels {high:,})"
