@@ -292,3 +292,31 @@ def test_data_convert_command_says_which_budget_and_refuses_bad_input(vl_models,
     broken.write_text(json.dumps([messages_sample("<image><image>Q", "A", images=["p.png"])]), "utf-8")
     bad = CliRunner().invoke(app, ["data", "convert", str(broken), "--to", "qwen3-vl", "--output", str(out)])
     assert bad.exit_code != 0 and "images" in bad.output and "<image>" in bad.output
+
+
+def test_validate_data_checks_boxes_against_their_declared_convention(vl_models, write_json, tmp_path):
+    from qwenvl_cli.data.boxes import resize_of
+    from qwenvl_cli.grounding import smart_resize
+
+    example_picture(tmp_path)
+    Image.new("RGB", (2000, 1500), "white").save(tmp_path / "big.png")
+
+    def sample(picture, answer, boxes):
+        return messages_sample("<image>Where?", answer, images=[picture], boxes=boxes)
+
+    past = sample("p.png", '{"bbox_2d": [0, 0, 1500, 700], "label": "cat"}', "qwen2.5-vl")
+    absolute = sample("p.png", '{"bbox_2d": [0, 0, 1400, 700], "label": "cat"}', "qwen3-vl")
+    relative = sample("big.png", "<ref>cat</ref><box>(10,10),(500,400)</box>", "pixels")
+    fine = sample("big.png", "<ref>cat</ref><box>(10,10),(1500,1400)</box>", "pixels")
+    path = write_json([past, absolute, relative, fine])
+    report = validate_data([path])
+    found = [(f.sample_index, f.code, f.severity.value) for f in report.findings]
+    assert found == [(0, "B312", "error"), (1, "B313", "error"), (2, "B314", "warning")]
+    assert "1008×756 resized picture" in report.findings[0].message  # the official budget
+    assert "qwenvl data convert" in report.findings[0].fix and "--boxes" in report.findings[1].fix
+    # With a Qwen2.5-VL model folder its processor's budget sizes the picture.
+    model = vl_models / "qwen2.5-vl"
+    (factor, low, high), _ = resize_of(model)
+    height, width = smart_resize(750, 1000, factor, low, high)
+    report = validate_data([path], ValidateOptions(model=model))
+    assert f"{width}×{height} resized picture" in report.findings[0].message

@@ -42,7 +42,49 @@ _JSON = re.compile(r'\{[^{}]*"bbox_2d"[^{}]*\}|<img>(?P<img>.*?)</img>', re.DOTA
 
 
 class BoxError(ValueError):
-    """A box that cannot be converted (its message names it)."""
+    """A box that cannot be converted (its message names it); `code` is its check (data/checks.py)."""
+
+    def __init__(self, message: str, code: str = "B311", fix: str | None = None):
+        super().__init__(message)
+        self.code, self.fix = code, fix
+
+
+def _declare_fix(other: str) -> str:
+    return (
+        f"If the file's boxes are {other}, declare it (`--boxes`, or a `boxes` key per sample), or convert the file "
+        "once: `qwenvl data convert FILE --boxes FROM --to qwen-vl --output NEW`."
+    )
+
+
+def _sanity(box, convention: str, size: tuple[int, int] | None, raw: str, notes: list | None) -> None:
+    """Boxes that do not fit the declared convention: past their picture (error), absolute-looking numbers in a
+    relative convention (error), relative-looking numbers in an absolute one on a big picture (warning)."""
+    if size is None:
+        if max(box) > 1000:
+            raise BoxError(
+                f"box {raw.strip()} has numbers over 1000 in the relative `{convention}` convention: it looks absolute",
+                "B313",
+                _declare_fix("pixels of the original pictures (`pixels`) or of the resized ones (`qwen2.5-vl`)"),
+            )
+        return
+    width, height = size
+    grid = "resized picture" if convention == "qwen2.5-vl" else "picture"
+    x1, y1, x2, y2 = box
+    if max(x1, x2) > width or max(y1, y2) > height:
+        raise BoxError(
+            f"box {raw.strip()} is past the {width}×{height} {grid} it refers to (`{convention}` boxes are its pixels)",
+            "B312",
+            _declare_fix("relative 0–1000 (`qwen-vl`, `qwen2-vl`, `qwen3-vl`)"),
+        )
+    if notes is not None and width > 1000 and height > 1000 and max(box) < 1000:
+        notes.append(
+            BoxError(
+                f"box {raw.strip()} fits in [0,1000) on a {width}×{height} {grid}: it looks relative, "
+                f"not `{convention}` pixels",
+                "B314",
+                _declare_fix("relative 0–1000 (`qwen-vl`, `qwen2-vl`, `qwen3-vl`)"),
+            )
+        )
 
 
 @dataclass
@@ -96,8 +138,11 @@ def _need(picture: str | None, raw: str, convention: str) -> str:
     return picture
 
 
-def to_internal(text: str, convention: str, pictures: Pictures | None, picture: str | None) -> tuple[str, str | None]:
-    """`text` with every box of `convention` in the internal markup, and the latest picture after it."""
+def to_internal(
+    text: str, convention: str, pictures: Pictures | None, picture: str | None, notes: list | None = None
+) -> tuple[str, str | None]:
+    """`text` with every box of `convention` in the internal markup, and the latest picture after it. Raises
+    BoxError for a box that cannot be converted; appends warnings (BoxError too) to `notes`."""
     if convention == "qwen2-vl":
         pattern = _TOKENS
     elif convention in ("qwen2.5-vl", "qwen3-vl"):
@@ -124,11 +169,17 @@ def to_internal(text: str, convention: str, pictures: Pictures | None, picture: 
             x1, y1, x2, y2 = _points(match.group("box"))
             label = match.group("label")
         box = (x1, y1, x2, y2)
+        raw = match.group(0)
         if convention == "qwen2.5-vl":
-            box = absolute_to_relative(box, *pictures.resized(_need(latest, match.group(0), convention)))
+            size = pictures.resized(_need(latest, raw, convention))
+            _sanity(box, convention, size, raw, notes)
+            box = absolute_to_relative(box, *size)
         elif convention == "pixels":
-            box = pixels_to_relative(box, *pictures.original(_need(latest, match.group(0), convention)))
+            size = pictures.original(_need(latest, raw, convention))
+            _sanity(box, convention, size, raw, notes)
+            box = pixels_to_relative(box, *size)
         elif convention in ("qwen2-vl", "qwen3-vl"):
+            _sanity(box, convention, None, raw, notes)
             box = clamp_relative(box)
         return _internal(box, label)
 

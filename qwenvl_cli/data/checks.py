@@ -326,7 +326,8 @@ _TABLE: list[tuple[str, str, Severity, str, str, str]] = [
         E,
         "box",
         "A coordinate is outside [0,1000).",
-        "Normalise pixel coordinates: x * 1000 // width, y * 1000 // height.",
+        "Normalise pixel coordinates: x * 1000 // width, y * 1000 // height; or, if the file's boxes are pixels, "
+        "declare it (`--boxes pixels` / `qwen2.5-vl`, or a `boxes` key) or convert it with `qwenvl data convert`.",
     ),
     (
         "B303",
@@ -360,6 +361,32 @@ _TABLE: list[tuple[str, str, Severity, str, str, str]] = [
         "A box of the declared convention cannot be converted to relative [0,1000): it cannot be read, it comes "
         "before any picture, or its picture cannot be opened.",
         "Fix the box or its picture, or declare the convention the file really uses (`boxes` key or --boxes).",
+    ),
+    (
+        "B312",
+        "box-past-picture",
+        E,
+        "box",
+        "A box declared in pixels (`pixels`, or `qwen2.5-vl`: pixels of the resized picture) is past the picture's "
+        "width or height; the message gives that size.",
+        "Declare the convention the file really uses (`--boxes`, or a `boxes` key), or convert the file with "
+        "`qwenvl data convert`.",
+    ),
+    (
+        "B313",
+        "box-looks-absolute",
+        E,
+        "box",
+        "A box declared relative 0–1000 (`qwen2-vl`, `qwen3-vl`) has numbers over 1000.",
+        "Declare `--boxes pixels` (or `qwen2.5-vl`), or convert the file with `qwenvl data convert`.",
+    ),
+    (
+        "B314",
+        "box-looks-relative",
+        W,
+        "box",
+        "A box declared in pixels fits in [0,1000) on a picture over 1000 px in both sides: it may be relative.",
+        "If the numbers are relative, declare `--boxes qwen-vl` (or the family's relative convention).",
     ),
     (
         "I401",

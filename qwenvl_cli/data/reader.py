@@ -147,12 +147,14 @@ class DataFile:
         out, latest = [], None
         for t, turn in enumerate(turns):
             if isinstance(turn, dict) and isinstance(turn.get("value"), str):
+                where = f"messages[{record.fields[t]}].content" if record.fields else f"conversations[{t}].value"
+                notes: list[BoxError] = []
                 try:
-                    text, latest = to_internal(turn["value"], convention, self.pictures, latest)
+                    text, latest = to_internal(turn["value"], convention, self.pictures, latest, notes)
                 except BoxError as exc:
-                    where = f"messages[{record.fields[t]}].content" if record.fields else f"conversations[{t}].value"
-                    problems.append(ConversionProblem("B311", str(exc), where))
+                    problems.append(ConversionProblem(exc.code, str(exc), where, exc.fix))
                     text = turn["value"]
+                problems.extend(ConversionProblem(note.code, str(note), where, note.fix) for note in notes)
                 turn = {**turn, "value": text}
             out.append(turn)
         value["conversations"] = out
