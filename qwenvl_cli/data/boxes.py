@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from ..errors import QwenvlError
 from ..grounding import (
     _round,
     absolute_to_relative,
@@ -219,29 +218,6 @@ def from_internal(text: str, convention: str, pictures: Pictures | None, picture
     return _INTERNAL.sub(replace, text), latest
 
 
-def convert_turns(
-    turns: list[Any],
-    convert: Callable[[str, str, Pictures | None, str | None], tuple[str, str | None]],
-    convention: str,
-    pictures: Pictures | None,
-) -> list[Any]:
-    """A copy of `conversations` with every turn's value converted (turns that are not well-formed are kept)."""
-    out = []
-    latest = None
-    for turn in turns:
-        if isinstance(turn, dict) and isinstance(turn.get("value"), str):
-            value, latest = convert(turn["value"], convention, pictures, latest)
-            turn = {**turn, "value": value}
-        out.append(turn)
-    return out
-
-
-def check_convention(name: Any, where: str) -> str:
-    if name not in CONVENTIONS:
-        raise BoxError(f"{where} {json.dumps(name)} is not a box convention (one of {', '.join(CONVENTIONS)})")
-    return name
-
-
 def resize_of(model_dir: Path | None) -> tuple[tuple[int, int, int], str]:
     """Qwen2.5-VL's (factor, min_pixels, max_pixels) for pixel boxes, and where they come from: the model folder's
     image processor when it has one of the Qwen2-VL kind, else the official defaults."""
@@ -250,7 +226,7 @@ def resize_of(model_dir: Path | None) -> tuple[tuple[int, int, int], str]:
 
         try:
             patch, merge, low, high = pixel_budget(image_processor(Path(model_dir)))
-        except Exception:  # a v1 folder (no such processor): the official budget
+        except (QwenvlError, OSError, ValueError):  # a v1 folder (no such processor): the official budget
             pass
         else:
             return (patch * merge, low, high), f"{model_dir}'s processor (min_pixels {low:,}, max_pixels {high:,})"
