@@ -71,7 +71,7 @@ def test_validate_data_accepts_a_good_messages_file_and_checks_its_pictures(writ
     assert report.findings == []
     assert report.files[0].valid_samples == 1
     path = write_json([messages_sample("<image>What colour?", "Red.", images=["gone.png"])], "gone.json")
-    assert [f.code for f in validate_data([path]).findings] == ["I401"]
+    assert [(f.code, f.field) for f in validate_data([path]).findings] == [("I401", "messages[0].content")]
 
 
 def test_validate_data_names_the_messages_field(write_jsonl):

@@ -53,11 +53,7 @@ def from_messages(value: dict[str, Any], index: int) -> Converted:
     if images is None:
         images = []
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-        problems.append(
-            ConversionProblem(
-                "S123", "`images` is not a list of path strings", "images", 'Write "images": ["a.jpg", "b.png"].'
-            )
-        )
+        problems.append(ConversionProblem("S123", "`images` is not a list of path strings", "images"))
         images = [p for p in images if isinstance(p, str)] if isinstance(images, list) else []
     if value.get("videos"):
         problems.append(ConversionProblem("S122", "the sample has `videos`: video samples are not supported", "videos"))
@@ -119,8 +115,6 @@ def from_messages(value: dict[str, Any], index: int) -> Converted:
                 "S120",
                 f"{placeholders} `<image>` placeholder(s) in the messages but {len(images)} path(s) in `images`",
                 "images",
-                "Put exactly one `<image>` in the user messages for each entry of `images`, in the same order "
-                "(or remove the extra paths).",
             )
         )
     sample["conversations"] = turns

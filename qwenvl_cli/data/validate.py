@@ -61,6 +61,7 @@ class _FileState:
     warned: set[int] = field(default_factory=set)
     images: list[ImageRef] = field(default_factory=list)
     broken_lines: int = 0  # JSONL lines that are not JSON
+    fields: dict[int, list[int]] = field(default_factory=dict)  # messages samples with pictures: turn -> message
 
 
 class _Collector:
@@ -105,6 +106,9 @@ class _Collector:
         field: str | None = None,
     ) -> None:
         info = CHECKS[code]
+        if field is None and turn is not None and index is not None and index in state.fields:
+            fields = state.fields[index]
+            field = f"messages[{fields[turn]}].content" if turn < len(fields) else None
         self.findings.append(
             Finding(
                 code=code,
@@ -251,7 +255,7 @@ def _read_file(
                 for problem in record.conversion:
                     add(
                         problem.code,
-                        f"{problem.field}: {problem.message}",
+                        problem.message,
                         state,
                         record.index,
                         record.line,
@@ -264,6 +268,8 @@ def _read_file(
             checked = check(record.index, record.line, record.value, emit)
             if checked.images:
                 state.images.extend(checked.images)
+                if record.fields is not None:
+                    state.fields[record.index] = record.fields
             if lengths is not None and checked.turns and record.index not in state.bad:
                 lengths.check(checked.turns, emit)
     except DataFileError as exc:
