@@ -320,3 +320,15 @@ def test_validate_data_checks_boxes_against_their_declared_convention(vl_models,
     height, width = smart_resize(750, 1000, factor, low, high)
     report = validate_data([path], ValidateOptions(model=model))
     assert f"{width}×{height} resized picture" in report.findings[0].message
+
+
+def test_a_ref_without_a_box_stays_text_and_one_ref_may_have_several_boxes(tmp_path):
+    pictures = example_picture(tmp_path)
+    text = "<ref>the dog</ref> is left of <ref>cat</ref><box>(200,200),(600,700)</box><box>(1,2),(3,4)</box>"
+    tokens, _ = from_internal(text, "qwen2-vl", pictures, "p.png")
+    assert tokens.startswith("<ref>the dog</ref> is left of <|object_ref_start|>cat<|object_ref_end|><|box_start|>")
+    assert tokens.endswith("<|box_end|><|box_start|>(1,2),(3,4)<|box_end|>")
+    for convention in CONVENTIONS:
+        written, _ = from_internal(text, convention, pictures, "p.png")
+        back, _ = to_internal(written, convention, pictures, "p.png")
+        assert same_within_one([{"value": back}], [{"value": text}]), (convention, written, back)

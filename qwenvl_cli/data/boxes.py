@@ -31,9 +31,11 @@ DEFAULT = "qwen-vl"
 # The official Qwen2.5-VL processor's budget (preprocessor_config.json of the released models): patch 14 × merge 2.
 QWEN25_DEFAULT_RESIZE = (28, 3136, 12845056)  # factor, min_pixels, max_pixels
 
-_INTERNAL = re.compile(r"(?:<ref>(?P<label>.*?)</ref>\s*)?<box>(?P<box>.*?)</box>|<img>(?P<img>.*?)</img>", re.DOTALL)
+_INTERNAL = re.compile(
+    r"(?:<ref>(?P<label>(?:(?!</?ref>).)*?)</ref>\s*)?<box>(?P<box>.*?)</box>|<img>(?P<img>.*?)</img>", re.DOTALL
+)
 _TOKENS = re.compile(
-    r"(?:<\|object_ref_start\|>(?P<label>.*?)<\|object_ref_end\|>\s*)?<\|box_start\|>(?P<box>.*?)<\|box_end\|>"
+    r"(?:<\|object_ref_start\|>(?P<label>(?:(?!<\|object_ref_(?:start|end)\|>).)*?)<\|object_ref_end\|>\s*)?<\|box_start\|>(?P<box>.*?)<\|box_end\|>"
     r"|<img>(?P<img>.*?)</img>",
     re.DOTALL,
 )
