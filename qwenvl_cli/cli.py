@@ -101,6 +101,13 @@ def validate_data_command(
     strict: Annotated[bool, typer.Option(help="Treat warnings as errors.")] = False,
     examples: Annotated[int, typer.Option(help="Examples shown per check in the text summary.", min=0)] = 3,
     workers: Annotated[int | None, typer.Option(help="Threads for the image checks.", min=1)] = None,
+    boxes: Annotated[
+        str | None,
+        typer.Option(
+            help="Box convention of every sample (qwen-vl, qwen2-vl, qwen2.5-vl, qwen3-vl, pixels), over their "
+            "`boxes` keys. Default: each sample's `boxes` key, else qwen-vl."
+        ),
+    ] = None,
 ) -> None:
     """Check data files for every mistake before training: structure, markup, boxes, images, lengths.
 
@@ -133,6 +140,7 @@ def validate_data_command(
         strict=strict,
         workers=workers,
         output_clean=output_clean,
+        boxes=boxes,
     )
     with progress_hook(stderr) as hook:
         report = validate_data(paths, options, hook)
@@ -247,6 +255,52 @@ def data_synth_command(
         kinds = [kind.strip() for kind in questions.split(",") if kind.strip()]
         summary = synthesize(output, n, seed, image_size, eval_fraction, force, hook, max_shapes, kinds)
     render_synth(summary, stdout)
+
+
+@data_app.command("convert")
+@_service_errors
+def data_convert_command(
+    source: Annotated[Path, typer.Argument(help="Data file (.json list or .jsonl), either data format.")],
+    to: Annotated[
+        str, typer.Option("--to", help="Target convention: qwen-vl, qwen2-vl, qwen2.5-vl, qwen3-vl or pixels.")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="File to write (.jsonl: JSON Lines; else a list).")],
+    model: Annotated[
+        Path | None,
+        typer.Option(help="Model folder whose processor's min/max pixels size the pictures (--to qwen2.5-vl)."),
+    ] = None,
+    data_format: Annotated[
+        str | None, typer.Option("--format", help="messages or conversations. Default: the input's.")
+    ] = None,
+    boxes: Annotated[
+        str | None, typer.Option(help="Box convention of the input, over its samples' `boxes` keys.")
+    ] = None,
+    image_root: Annotated[
+        Path | None,
+        typer.Option(help="Folder that relative image paths start from. Default: the data file's folder."),
+    ] = None,
+) -> None:
+    """Write a data file with every box in a family's convention, declared in each sample's `boxes` key.
+
+    Picture paths are kept. Qwen2.5-VL boxes are pixels of the processor-resized picture: sized with
+    --model's processor settings, else the official defaults (the summary says which). Any sample that
+    cannot be converted stops the command before anything is written.
+
+    [bold]Examples[/]
+
+      qwenvl data convert train.json --to qwen2.5-vl --model Qwen2.5-VL-7B-Instruct --output train.q25.json
+      qwenvl data convert train.json --to qwen3-vl --format messages --output train.messages.jsonl
+      qwenvl data convert export.jsonl --boxes qwen2.5-vl --to qwen-vl --output train.json
+    """
+    from .data.convert import convert_file
+
+    summary = convert_file(source, to, output, model, data_format, boxes, image_root)
+    stdout.print(
+        f"Wrote {summary.output}: {summary.samples:,} samples ({summary.format} format), "
+        f"{summary.boxes:,} boxes in the {summary.target} convention."
+    )
+    if summary.budget is not None:
+        stdout.print(f"Qwen2.5-VL pixel boxes sized with {summary.budget}.")
 
 
 @app.command("eval")

@@ -211,6 +211,9 @@ class Finding(BaseModel):
     sample_index: int | None = Field(None, description="0-based position of the sample in its file")
     sample_id: str | None = None
     turn: int | None = Field(None, description="0-based index of the turn in `conversations`")
+    field: str | None = Field(
+        None, description="Where in the sample, in the file's own keys: `conversations[1].value`, `messages[2].content`"
+    )
     snippet: str | None = None
 
 

@@ -375,6 +375,68 @@ def s119(ctx):
     return {**make_sample("s1"), "image": "pic.png"}
 
 
+# The messages format and declared box conventions (tests/test_data_formats.py has the rest)
+
+
+def messages(*contents: str, **extra) -> dict:
+    roles = ["user", "assistant"] * len(contents)
+    return {"messages": [{"role": r, "content": c} for r, c in zip(roles, contents, strict=False)], **extra}
+
+
+@case("S120", 1, says="2 path(s)", sample_id="sample-1", field="images", **LINE2)
+@samples
+def s120(ctx):
+    return messages("<image>What?", "A.", images=["a.png", "b.png"])
+
+
+@case("S121", 1, says="system message", sample_id="sample-1", field="messages[0]", **LINE2)
+@samples
+def s121(ctx):
+    return {"messages": [{"role": "system", "content": "Be brief."}, *messages("Q?", "A.")["messages"]]}
+
+
+@case("S122", 1, says="video", sample_id="sample-1", field="videos", **LINE2)
+@samples
+def s122(ctx):
+    return messages("What happens?", "A fall.", videos=["v.mp4"])
+
+
+@case("S123", 1, says="not a list", sample_id="sample-1", field="images", **LINE2)
+@samples
+def s123(ctx):
+    return messages("What?", "A.", images="a.png")
+
+
+@case("B310", 1, says="yolo", sample_id="s1", field="boxes", **LINE2)
+@samples
+def b310(ctx):
+    return {**make_sample("s1", "Where?", "<box>(1,2),(3,4)</box>"), "boxes": "yolo"}
+
+
+def declared(convention: str, answer: str, size: tuple[int, int] = (24, 16)):
+    def build(ctx: Ctx):
+        ctx.file("pic.png", png_bytes(size))
+        sample = {**make_sample("s1", picture("pic.png") + "Where?", answer), "boxes": convention}
+        return ctx.after_good(sample), {}
+
+    return build
+
+
+@case("B311", 1, says="comes before any picture", sample_id="s1", field="conversations[1].value", **LINE2)
+@samples
+def b311(ctx):
+    return {**make_sample("s1", "Where?", "<ref>x</ref><box>(1,2),(3,4)</box>"), "boxes": "pixels"}
+
+
+case("B312", 1, says="past the 24×16 picture", sample_id="s1", **LINE2)(
+    declared("pixels", "<ref>x</ref><box>(1,2),(30,4)</box>")
+)
+case("B313", 1, says="looks absolute", sample_id="s1", **LINE2)(declared("qwen3-vl", '{"bbox_2d": [1, 2, 1300, 4]}'))
+case("B314", 0, says="looks relative", sample_id="s1", **LINE2)(
+    declared("pixels", "<ref>x</ref><box>(1,2),(300,400)</box>", (1200, 1100))
+)
+
+
 # Markup (pictures are real files next to the data file, so only the markup is at fault)
 
 

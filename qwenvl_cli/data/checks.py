@@ -208,6 +208,38 @@ _TABLE: list[tuple[str, str, Severity, str, str, str]] = [
         "`Picture 1: <img>path</img>\\n` in the first user turn).",
     ),
     (
+        "S120",
+        "images-count-mismatch",
+        E,
+        "sample",
+        "A `messages` sample has not one `<image>` placeholder per path of its `images` list.",
+        "Put exactly one `<image>` in the user messages for each entry of `images`, in the same order.",
+    ),
+    (
+        "S121",
+        "system-message",
+        E,
+        "sample",
+        "A `messages` sample has a system message; samples carry no system prompt of their own.",
+        "Remove the system message: the chat template sets the system prompt (each family's default).",
+    ),
+    (
+        "S122",
+        "video-not-supported",
+        E,
+        "sample",
+        "The sample has `videos` or a `<video>` placeholder; qwenvl does not train on video.",
+        "Remove the video samples (or turn each video into a few `images` frames).",
+    ),
+    (
+        "S123",
+        "images-not-list",
+        E,
+        "sample",
+        "The `images` of a `messages` sample is not a list of path strings.",
+        'Write "images": ["a.jpg", "b.png"], one path per `<image>` placeholder.',
+    ),
+    (
         "M201",
         "tag-unclosed",
         E,
@@ -294,7 +326,8 @@ _TABLE: list[tuple[str, str, Severity, str, str, str]] = [
         E,
         "box",
         "A coordinate is outside [0,1000).",
-        "Normalise pixel coordinates: x * 1000 // width, y * 1000 // height.",
+        "Normalise pixel coordinates: x * 1000 // width, y * 1000 // height; or, if the file's boxes are pixels, "
+        "declare it (`--boxes pixels` / `qwen2.5-vl`, or a `boxes` key) or convert it with `qwenvl data convert`.",
     ),
     (
         "B303",
@@ -311,6 +344,49 @@ _TABLE: list[tuple[str, str, Severity, str, str, str]] = [
         "box",
         "A `<quad>` does not have exactly four points.",
         "Write four corners: `(x1,y1),(x2,y2),(x3,y3),(x4,y4)`.",
+    ),
+    (
+        "B310",
+        "boxes-convention-unknown",
+        E,
+        "box",
+        "The sample's `boxes` key (or --boxes) names no known box convention.",
+        "Write one of qwen-vl, qwen2-vl, qwen2.5-vl, qwen3-vl, pixels (docs/data-format.md, Box conventions).",
+    ),
+    (
+        "B311",
+        "box-not-convertible",
+        E,
+        "box",
+        "A box of the declared convention cannot be converted to relative [0,1000): it cannot be read, it comes "
+        "before any picture, or its picture cannot be opened.",
+        "Fix the box or its picture, or declare the convention the file really uses (`boxes` key or --boxes).",
+    ),
+    (
+        "B312",
+        "box-past-picture",
+        E,
+        "box",
+        "A box declared in pixels (`pixels`, or `qwen2.5-vl`: pixels of the resized picture) is past the picture's "
+        "width or height; the message gives that size.",
+        "Declare the convention the file really uses (`--boxes`, or a `boxes` key), or convert the file with "
+        "`qwenvl data convert`.",
+    ),
+    (
+        "B313",
+        "box-looks-absolute",
+        E,
+        "box",
+        "A box declared relative 0–1000 (`qwen2-vl`, `qwen3-vl`) has numbers over 1000.",
+        "Declare `--boxes pixels` (or `qwen2.5-vl`), or convert the file with `qwenvl data convert`.",
+    ),
+    (
+        "B314",
+        "box-looks-relative",
+        W,
+        "box",
+        "A box declared in pixels fits in [0,1000) on a picture over 1000 px in both sides: it may be relative.",
+        "If the numbers are relative, declare `--boxes qwen-vl` (or the family's relative convention).",
     ),
     (
         "I401",

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
+from .boxes import CONVENTIONS, QWEN25_DEFAULT_RESIZE, BoxError, Pictures, to_internal
+from .messages import ConversionProblem, from_messages, is_messages_sample
+
 CHUNK_BYTES = 8 << 20
 BOM = b"\xef\xbb\xbf"
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -47,6 +50,11 @@ class Record:
     line: int  # 1-based line where the sample starts
     value: Any = None
     problem: FileProblem | None = None  # set when this JSONL line is not UTF-8 or not JSON
+    # A sample in the `messages` format (data/messages.py) is converted on read: `value` is the internal sample,
+    # `original` what the file holds, `fields[t]` the index in `messages` of turn t, `conversion` its problems.
+    original: Any = None
+    fields: list[int] | None = None
+    conversion: list | None = None
 
 
 class DataFile:
@@ -57,10 +65,27 @@ class DataFile:
         self.path = path
         self.format = fmt
         self.size = size
+        self.boxes: str | None = None  # --boxes: the box convention of every sample, over their `boxes` keys
+        self.pictures: Pictures | None = None  # sizes of pictures, for conventions in pixels
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> DataFile:
-        path = Path(path)
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        boxes: str | None = None,
+        image_root: Path | None = None,
+        resize: tuple[int, int, int] | None = None,
+    ) -> DataFile:
+        """`boxes`, `image_root` and `resize` (Qwen2.5-VL's factor, min and max pixels) only matter to files whose
+        boxes are declared in another convention than qwen-vl (data/boxes.py)."""
+        data = cls._open(Path(path))
+        data.boxes = boxes
+        root = Path(image_root) if image_root is not None else data.path.resolve().parent
+        data.pictures = Pictures(root, resize or QWEN25_DEFAULT_RESIZE)
+        return data
+
+    @classmethod
+    def _open(cls, path: Path) -> DataFile:
         if not path.exists():
             raise DataFileError(FileProblem("F001", f"{path} does not exist"))
         if not path.is_file():
@@ -89,9 +114,50 @@ class DataFile:
         that do not parse are yielded with `problem` set, and reading goes on."""
         with open(self.path, "rb") as handle:
             if self.format == "json":
-                yield from _json_list_records(handle, self.path, on_progress)
+                records = _json_list_records(handle, self.path, on_progress)
             else:
-                yield from _jsonl_records(handle, on_progress)
+                records = _jsonl_records(handle, on_progress)
+            for record in records:
+                if is_messages_sample(record.value):
+                    converted = from_messages(record.value, record.index)
+                    record.original = record.value
+                    record.value = converted.sample
+                    record.fields = converted.fields
+                    record.conversion = converted.problems
+                if isinstance(record.value, dict) and (self.boxes is not None or "boxes" in record.value):
+                    self._convert_boxes(record)
+                yield record
+
+    def _convert_boxes(self, record: Record) -> None:
+        """Boxes of a declared convention → the internal markup (problems go to `record.conversion`)."""
+        value = record.value
+        if record.original is None:
+            record.original = value
+        value = record.value = dict(value)
+        declared = value.pop("boxes", None)
+        convention = self.boxes or declared
+        problems = record.conversion = record.conversion or []
+        if convention not in CONVENTIONS:
+            message = f"{json.dumps(convention)} is not a box convention (one of {', '.join(CONVENTIONS)})"
+            problems.append(ConversionProblem("B310", message, "boxes"))
+            return
+        turns = value.get("conversations")
+        if convention == "qwen-vl" or not isinstance(turns, list):
+            return
+        out, latest = [], None
+        for t, turn in enumerate(turns):
+            if isinstance(turn, dict) and isinstance(turn.get("value"), str):
+                where = f"messages[{record.fields[t]}].content" if record.fields else f"conversations[{t}].value"
+                notes: list[BoxError] = []
+                try:
+                    text, latest = to_internal(turn["value"], convention, self.pictures, latest, notes)
+                except BoxError as exc:
+                    problems.append(ConversionProblem(exc.code, str(exc), where, exc.fix))
+                    text = turn["value"]
+                problems.extend(ConversionProblem(note.code, str(note), where, note.fix) for note in notes)
+                turn = {**turn, "value": text}
+            out.append(turn)
+        value["conversations"] = out
 
 
 def _first_byte(handle: BinaryIO) -> tuple[bytes | None, int]:
@@ -297,7 +363,7 @@ def _byte_line_col(path: Path, offset: int) -> tuple[int, int, int]:
 
 def _single_object_message(obj: Any) -> str:
     if isinstance(obj, dict):
-        if "conversations" in obj:
+        if "conversations" in obj or "messages" in obj:
             return "the file holds a single sample object; wrap it in a list: [ {...} ]"
         for key, value in obj.items():
             if isinstance(value, list) and value and isinstance(value[0], dict):

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from .. import __version__
 from ..errors import QwenvlError
 from ..schemas import FileSummary, Finding, Severity, ValidationReport
+from .boxes import CONVENTIONS, resize_of
 from .checks import CHECKS
 from .images import (
     MAX_PATH_BYTES,
@@ -30,6 +31,9 @@ from .lengths import LengthChecker
 from .reader import DataFile, DataFileError, FileProblem
 from .structure import ImageRef, SampleChecker
 
+# Codes about a whole `conversations` list: in a messages sample they are about its `messages`.
+_MESSAGES_LEVEL = frozenset({"S106", "S107", "S108", "S116", "S118"})
+
 # stage ("read", "images"), done, total, detail
 ProgressHook = Callable[[str, int, int, str], None]
 
@@ -41,6 +45,7 @@ class ValidateOptions(BaseModel):
     url_timeout: float = 10.0
     url_cache: bool = True
     model: Path | None = None
+    boxes: str | None = None  # --boxes: every sample's box convention (data/boxes.py), over its `boxes` key
     max_length: int = 2048
     strict: bool = False
     workers: int | None = None
@@ -56,6 +61,7 @@ class _FileState:
     warned: set[int] = field(default_factory=set)
     images: list[ImageRef] = field(default_factory=list)
     broken_lines: int = 0  # JSONL lines that are not JSON
+    fields: dict[int, list[int]] = field(default_factory=dict)  # messages samples with pictures: turn -> message
 
 
 class _Collector:
@@ -67,16 +73,23 @@ class _Collector:
         self.index: int | None = None
         self.line: int | None = None
         self.sample_id: str | None = None
+        self.fields: list[int] | None = None  # messages samples: turn -> index in `messages`
 
-    def sample(self, state: _FileState, index: int, line: int, value: object) -> None:
-        self.state, self.index, self.line = state, index, line
+    def sample(self, state: _FileState, index: int, line: int, value: object, fields: list[int] | None = None) -> None:
+        self.state, self.index, self.line, self.fields = state, index, line, fields
         sid = value.get("id") if isinstance(value, dict) else None
         self.sample_id = sid if isinstance(sid, str) else (None if sid is None else str(sid))
 
     def emit(
         self, code: str, message: str, turn: int | None = None, snippet: str | None = None, fix: str | None = None
     ) -> None:
-        self.add(code, message, self.state, self.index, self.line, self.sample_id, turn, snippet, fix)
+        where = None
+        if self.fields is not None:
+            if turn is None:
+                where = "messages" if code in _MESSAGES_LEVEL else None
+            elif turn < len(self.fields):
+                where = f"messages[{self.fields[turn]}].content"
+        self.add(code, message, self.state, self.index, self.line, self.sample_id, turn, snippet, fix, field=where)
 
     def add(
         self,
@@ -90,8 +103,12 @@ class _Collector:
         snippet: str | None = None,
         fix: str | None = None,
         column: int | None = None,
+        field: str | None = None,
     ) -> None:
         info = CHECKS[code]
+        if field is None and turn is not None and index is not None and index in state.fields:
+            fields = state.fields[index]
+            field = f"messages[{fields[turn]}].content" if turn < len(fields) else None
         self.findings.append(
             Finding(
                 code=code,
@@ -105,6 +122,7 @@ class _Collector:
                 sample_index=index,
                 sample_id=sample_id,
                 turn=turn,
+                field=field,
                 snippet=snippet,
             )
         )
@@ -122,6 +140,8 @@ def validate_data(
     started = time.perf_counter()
     if not paths:
         raise QwenvlError("no data file given", "Pass one or more .json / .jsonl files")
+    if options.boxes is not None and options.boxes not in CONVENTIONS:
+        raise QwenvlError(f"--boxes {options.boxes} is not a box convention", f"Pass one of {', '.join(CONVENTIONS)}")
     states = [_FileState(Path(p), FileSummary(path=str(p))) for p in paths]
     if options.output_clean is not None:
         _refuse_overwriting_input(options.output_clean, states)
@@ -131,8 +151,9 @@ def validate_data(
         root = options.image_root or Path(paths[0]).resolve().parent
         lengths = LengthChecker(options.model, options.max_length, image_root=root)
     collector = _Collector()
+    resize = resize_of(options.model)[0]
     for state in states:
-        _read_file(state, collector, lengths, on_progress)
+        _read_file(state, collector, lengths, on_progress, options, resize)
 
     image_stats = _check_images(states, options, collector, on_progress)
 
@@ -188,11 +209,16 @@ def _refuse_overwriting_input(output: Path, states: list[_FileState]) -> None:
 
 
 def _read_file(
-    state: _FileState, collector: _Collector, lengths: LengthChecker | None, on_progress: ProgressHook | None
+    state: _FileState,
+    collector: _Collector,
+    lengths: LengthChecker | None,
+    on_progress: ProgressHook | None,
+    options: ValidateOptions,
+    resize: tuple[int, int, int],
 ) -> None:
     summary = state.summary
     try:
-        data = DataFile.open(state.path)
+        data = DataFile.open(state.path, options.boxes, options.image_root, resize)
     except DataFileError as exc:
         _file_problem(collector, state, exc.problem)
         return
@@ -224,10 +250,26 @@ def _read_file(
                     column=problem.column,
                 )
                 continue
-            collector.sample(state, record.index, record.line, record.value)
+            collector.sample(state, record.index, record.line, record.value, record.fields)
+            if record.conversion:
+                for problem in record.conversion:
+                    add(
+                        problem.code,
+                        problem.message,
+                        state,
+                        record.index,
+                        record.line,
+                        collector.sample_id,
+                        None,
+                        None,
+                        problem.fix,
+                        field=problem.field,
+                    )
             checked = check(record.index, record.line, record.value, emit)
             if checked.images:
                 state.images.extend(checked.images)
+                if record.fields is not None:
+                    state.fields[record.index] = record.fields
             if lengths is not None and checked.turns and record.index not in state.bad:
                 lengths.check(checked.turns, emit)
     except DataFileError as exc:
@@ -356,7 +398,7 @@ def write_clean(states: list[_FileState], output: Path, strict: bool) -> int:
                 for record in state.data.records():
                     if record.index in excluded or record.problem is not None:
                         continue
-                    sample = record.value
+                    sample = record.value if record.original is None else record.original
                     if jsonl:
                         handle.write(json.dumps(sample, ensure_ascii=False))
                         handle.write("\n")

@@ -112,7 +112,9 @@ def _render_examples(report: ValidationReport, console: Console, examples: int) 
                 who.append(f"id {f.sample_id!r}")
             elif f.sample_index is not None:
                 who.append(f"sample #{f.sample_index}")
-            if f.turn is not None:
+            if f.field is not None:
+                who.append(f.field)
+            elif f.turn is not None:
                 who.append(f"turn {f.turn}")
             head = Text(f"{where}  ", style="cyan")
             head.append(("  ".join(who) + "  ") if who else "", style="magenta")
