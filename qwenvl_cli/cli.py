@@ -471,6 +471,14 @@ def train_command(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
     save_steps: Annotated[int, typer.Option(help="Checkpoint every N optimizer steps.", min=1)] = 100,
     skip_invalid: Annotated[bool, typer.Option(help="Drop samples with errors instead of stopping.")] = False,
+    boxes: Annotated[
+        str | None,
+        typer.Option(
+            help="Box convention of every sample of --data and --eval-data (qwen-vl, qwen2-vl, qwen2.5-vl, qwen3-vl, "
+            "pixels), over their `boxes` keys; boxes are converted, then written in the model family's own. "
+            "Default: each sample's `boxes` key, else qwen-vl."
+        ),
+    ] = None,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes (pictures are decoded there).")] = 0,
     eval_data: Annotated[
         Path | None, typer.Option(help="Held-out data: loss, exact match and Acc@0.5 every --eval-every steps.")

@@ -332,3 +332,46 @@ def test_a_ref_without_a_box_stays_text_and_one_ref_may_have_several_boxes(tmp_p
         written, _ = from_internal(text, convention, pictures, "p.png")
         back, _ = to_internal(written, convention, pictures, "p.png")
         assert same_within_one([{"value": back}], [{"value": text}]), (convention, written, back)
+
+
+def test_training_reads_boxes_declared_by_flag_with_the_models_budget_and_image_root(vl_models, tmp_path):
+    """`train --boxes qwen2.5-vl` on a file without `boxes` keys, away from its pictures: the pixel boxes are read
+    on the training model's own picture budget under --image-root and learned in its family's convention (Qwen2-VL
+    here: relative numbers in box tokens), the same boxes as the original file's within the 112-px grid's rounding."""
+    import re
+
+    from qwenvl_cli.demo import DEMO_DATA
+    from qwenvl_cli.families import family_for
+    from qwenvl_cli.train.data import prepare_samples
+
+    model = vl_models / "qwen2-vl"
+    samples = [s for s in json.loads(DEMO_DATA.read_text("utf-8")) if "<box>" in json.dumps(s)][:6]
+    original = tmp_path / "original.json"
+    original.write_text(json.dumps(samples), "utf-8")
+    converted = tmp_path / "converted.jsonl"
+    convert_file(original, "qwen2.5-vl", converted, model=model, image_root=DEMO_DATA.parent)
+    bare = tmp_path / "data" / "bare.jsonl"  # no `boxes` keys, and not beside the pictures
+    bare.parent.mkdir()
+    lines = [json.loads(line) for line in converted.read_text("utf-8").splitlines()]
+    bare.write_text("".join(json.dumps({k: v for k, v in s.items() if k != "boxes"}) + "\n" for s in lines), "utf-8")
+
+    family = family_for(model)
+    tokenizer = family.tokenizer(model)
+    template = family.template(tokenizer, image_root=DEMO_DATA.parent)
+    args = (template, 4096, family.picture_tokens(), DEMO_DATA.parent)
+
+    def texts(**flags) -> list[str]:
+        return [
+            tokenizer.decode(s.input_ids) for s in prepare_samples(bare if flags else original, *args, **flags).samples
+        ]
+
+    want, got = texts(), texts(boxes="qwen2.5-vl", box_model=model)
+    box = re.compile(r"<\|box_start\|>\((\d+),(\d+)\),\((\d+),(\d+)\)<\|box_end\|>")
+    assert all("bbox_2d" not in text for text in got) and sum(len(box.findall(t)) for t in got) >= 6
+    for a, b in zip(got, want, strict=True):
+        assert box.sub("#", a) == box.sub("#", b)
+        for x, y in zip(box.findall(a), box.findall(b), strict=True):
+            assert all(abs(int(p) - int(q)) <= 1000 / 112 for p, q in zip(x, y, strict=True)), (x, y)
+    # without the flag the file is taken as qwen-vl: its JSON boxes stay plain text
+    plain = [tokenizer.decode(s.input_ids) for s in prepare_samples(bare, *args).samples]
+    assert all("bbox_2d" in text for text in plain)

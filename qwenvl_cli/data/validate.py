@@ -46,6 +46,8 @@ class ValidateOptions(BaseModel):
     url_cache: bool = True
     model: Path | None = None
     boxes: str | None = None  # --boxes: every sample's box convention (data/boxes.py), over its `boxes` key
+    # the folder whose image processor sizes Qwen2.5-VL pixel boxes when `model` is not given (train passes its model)
+    box_model: Path | None = None
     max_length: int = 2048
     strict: bool = False
     workers: int | None = None
@@ -151,7 +153,7 @@ def validate_data(
         root = options.image_root or Path(paths[0]).resolve().parent
         lengths = LengthChecker(options.model, options.max_length, image_root=root)
     collector = _Collector()
-    resize = resize_of(options.model)[0]
+    resize = resize_of(options.model or options.box_model)[0]
     for state in states:
         _read_file(state, collector, lengths, on_progress, options, resize)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..data.boxes import resize_of
 from ..data.reader import DataFile
 from ..data.validate import ValidateOptions, validate_data
 from ..errors import QwenvlError
@@ -34,6 +35,7 @@ class PreparedData:
     dropped_too_long: int
     skipped_invalid: int
     report: ValidationReport
+    data: DataFile  # the file as read (its --boxes and picture sizes), to read its samples again
 
 
 def prepare_samples(
@@ -43,13 +45,17 @@ def prepare_samples(
     picture_tokens: int,
     image_root: Path | None = None,
     skip_invalid: bool = False,
+    boxes: str | None = None,
+    box_model: Path | None = None,
 ) -> PreparedData:
     """Validate the file with validate-data's checks, then encode every valid sample once with the family's
-    `template` (a picture takes `picture_tokens` tokens).
+    `template` (a picture takes `picture_tokens` tokens). `boxes` (--boxes) is the box convention of every
+    sample over their `boxes` keys; `box_model`'s image processor sizes the pictures of Qwen2.5-VL pixel
+    boxes (data/boxes.py).
 
     Samples longer than `max_length` are truncated at the end, except when the cut would fall inside a
     picture or leave no assistant token: those are dropped and counted."""
-    report = validate_data([data_file], ValidateOptions(image_root=image_root))
+    report = validate_data([data_file], ValidateOptions(image_root=image_root, boxes=boxes, box_model=box_model))
     if report.exit_code == 2:
         first = report.findings[0]
         raise QwenvlError(f"{data_file} cannot be read: {first.message}", first.fix)
@@ -65,7 +71,8 @@ def prepare_samples(
     samples = []
     dropped = 0
     fixed = picture_tokens
-    for record in DataFile.open(data_file).records():
+    data = DataFile.open(data_file, boxes, image_root, resize_of(box_model)[0])
+    for record in data.records():
         if record.index in bad or record.problem is not None:
             continue
         turns = [(turn["from"], turn["value"]) for turn in record.value["conversations"]]
@@ -92,7 +99,7 @@ def prepare_samples(
             f"no sample of {data_file} is left to train on ({dropped} too long for --max-length {max_length})",
             "Raise --max-length or check the data with qwenvl validate-data --model",
         )
-    return PreparedData(samples, dropped, len(bad), report)
+    return PreparedData(samples, dropped, len(bad), report, data)
 
 
 def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:

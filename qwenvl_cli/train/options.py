@@ -55,6 +55,7 @@ class TrainOptions(BaseModel):
     save_steps: int = 100
     save_total_limit: int = 3
     skip_invalid: bool = False
+    boxes: str | None = None  # --boxes: the box convention of every sample of --data/--eval-data (data/boxes.py)
     workers: int = 0
     eval_data: Path | None = None
     eval_every: int = Field(100, ge=1)  # optimizer steps between evaluations

@@ -105,7 +105,14 @@ def _run_training(options: TrainOptions, on_event: EventHook | None) -> TrainRes
     template = family.template(tokenizer, image_root=image_root, **sized)
     picture_tokens = family.picture_tokens()
     prepared = prepare_samples(
-        options.data, template, options.max_length, picture_tokens, image_root, options.skip_invalid
+        options.data,
+        template,
+        options.max_length,
+        picture_tokens,
+        image_root,
+        options.skip_invalid,
+        options.boxes,
+        model_dir,
     )
     evaluation = None
     if options.eval_data is not None:
@@ -118,6 +125,8 @@ def _run_training(options: TrainOptions, on_event: EventHook | None) -> TrainRes
                 picture_tokens,
                 eval_root,
                 options.skip_invalid,
+                options.boxes,
+                model_dir,
             ),
             eval_root,
         )

@@ -170,14 +170,13 @@ def build_trainer(model, setup: RunSetup, samples, image_root: Path, emit, evalu
 def generation_metrics(model, setup: RunSetup, evaluation) -> dict:
     """Ask the model the first --eval-samples samples of --eval-data: exact match and Acc@0.5."""
     options, family = setup.options, setup.family
-    from ..data.reader import DataFile
     from ..evaluate import evaluate
     from ..schemas import GenerationSettings
 
     prepared, root = evaluation
     samples = []
     bad = {f.sample_index for f in prepared.report.findings if f.severity.value == "error"}
-    for record in DataFile.open(options.eval_data).records():
+    for record in prepared.data.records():
         if record.index not in bad and record.problem is None:
             samples.append(record.value)
         if len(samples) >= options.eval_samples:
