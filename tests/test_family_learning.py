@@ -119,3 +119,46 @@ def test_full_training_of_tiny_qwen25_vl_learns_to_name_the_colour_it_sees(full_
     # untrained: near chance (it mostly picks one colour whatever the picture)
     assert before <= CHANCE + 0.2, before_chosen
     assert after >= REQUIRED > 3 * CHANCE
+
+
+# -- several processes -----------------------------------------------------------------------------------------
+def train_family_in_processes(model: Path, out: Path, *flags: str) -> None:
+    """`qwenvl train` on the demo data as a real command (one or several processes)."""
+    import os
+    import subprocess
+    import sys
+
+    from qwenvl_cli.demo import DEMO_DATA
+
+    env = {**os.environ, "QWENVL_CACHE_DIR": str(out.parent / "cache")}
+    common = ["--model", str(model), "--data", str(DEMO_DATA), "--output", str(out), "--max-steps", "2"]
+    command = [sys.executable, "-m", "qwenvl_cli", "train", *flags, *common, "--grad-accum", "1", "--lora-r", "4"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_two_processes_train_a_family_like_one_process_with_their_batches_together(vl_models, tmp_path):
+    """As v1's test in test_train.py, for tiny Qwen2.5-VL LoRA over DDP (gloo): 2 processes × batch 1 give the
+    per-step losses and the adapter of one process with batches of 2 (1e-4 on losses, 1e-4 relative on
+    weights)."""
+    import torch
+    from safetensors.torch import load_file
+
+    flags = ["--lr", "1e-2", "--save-steps", "1", "--seed", "3", "--lora-dropout", "0", "--gradient-checkpointing"]
+    model = vl_models / FAMILY
+    train_family_in_processes(model, tmp_path / "one", *flags, "--batch-size", "2")
+    train_family_in_processes(model, tmp_path / "two", *flags, "--batch-size", "1", "--nproc", "2")
+
+    def losses(run: Path) -> list[float]:
+        state = json.loads((run / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+        return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 2
+    assert all(abs(a - b) <= 1e-4 for a, b in zip(one, two, strict=True)), (one, two)
+    assert json.loads((tmp_path / "two" / "qwenvl_run.json").read_text())["processes"] == 2
+    first = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    second = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
+    assert first.keys() == second.keys() and first
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], atol=1e-5, rtol=1e-4, msg=key)
