@@ -162,3 +162,23 @@ def test_two_processes_train_a_family_like_one_process_with_their_batches_togeth
     assert first.keys() == second.keys() and first
     for key in first:
         torch.testing.assert_close(first[key], second[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_deepspeed_zero3_on_two_processes_writes_a_family_model_whole(vl_models, tmp_path):
+    """As v1's test: ZeRO-3 shards every parameter across the 2 ranks; full fine-tuning of tiny Qwen2.5-VL for one
+    step must still write every tensor whole (the base's keys and shapes), the LM changed, the vision tower not."""
+    pytest.importorskip("deepspeed")
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "ds"
+    flags = ["--method", "full", "--nproc", "2", "--engine", "deepspeed", "--zero", "3", "--lr", "1e-2"]
+    train_family_in_processes(vl_models / FAMILY, out, *flags)
+    assert json.loads((out / "deepspeed_config.json").read_text())["zero_optimization"]["stage"] == 3
+    trained, base = load_file(str(out / "model.safetensors")), load_file(str(vl_models / FAMILY / "model.safetensors"))
+    assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in base.items()}
+    assert all(v.numel() > 0 for v in trained.values())
+    lm = [k for k in base if k.startswith("model.layers.") and k.endswith("proj.weight")]
+    assert lm and all(not torch.equal(trained[k], base[k]) for k in lm)
+    vision = [k for k in base if k.startswith("visual.blocks.")]
+    assert vision and all(torch.equal(trained[k], base[k]) for k in vision)
