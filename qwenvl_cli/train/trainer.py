@@ -161,10 +161,29 @@ def build_trainer(model, setup: RunSetup, samples, image_root: Path, emit, evalu
         else None,
         data_collator=collator,
         callbacks=[Events()],
+        compute_loss_func=token_mean_loss if getattr(model, "accepts_loss_kwargs", True) is False else None,
     )
     trainer_ref = [trainer]
     trainer.remove_callback(PrinterCallback)  # progress is reported through `emit`
     return trainer
+
+
+def token_mean_loss(outputs, labels, num_items_in_batch=None):
+    """The loss of models whose forward takes no `num_items_in_batch` (transformers' Qwen2/2.5/3-VL set
+    `accepts_loss_kwargs = False`): summed over the supervised tokens and divided by the Trainer's count of
+    them across the step's micro-batches and processes, so that gradient accumulation and several processes
+    average over tokens exactly as one large batch would (without it each process averaged its own tokens)."""
+    import torch.nn.functional as F
+
+    logits = outputs.logits
+    predictions = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    targets = labels[:, 1:].reshape(-1).to(logits.device)
+    if num_items_in_batch is None:
+        return F.cross_entropy(predictions, targets, ignore_index=-100)
+    total = F.cross_entropy(predictions, targets, ignore_index=-100, reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
 
 
 def generation_metrics(model, setup: RunSetup, evaluation) -> dict:
