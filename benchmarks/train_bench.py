@@ -5,6 +5,8 @@ sample padded to --max-length), on the same model and data, in one run.
     python benchmarks/train_bench.py                          # defaults: tiny, LoRA, 128 samples, 2 rounds
     python benchmarks/train_bench.py --lengths uniform        # lengths spread evenly instead of log-uniformly
     python benchmarks/train_bench.py --method full --n 64 --rounds 1 --output /tmp/train.json
+    python benchmarks/train_bench.py --preset tiny-qwen2.5-vl --min-tokens 64 --max-length 512 \
+        --output benchmarks/results/train-qwen2.5-vl.json   # a newer family: against padding to max length
 
 Data: `--n` conversations, one picture each (a 224-px PNG of its own), whose lengths in tokens — the chat
 template, the picture's 258 positions and the text together — are drawn from `--min-tokens`..`--max-length`
@@ -20,6 +22,11 @@ the same seed, learning rate, `--batch-size` and `--grad-accum`, for one epoch:
 - dynamic: qwenvl's default, each batch padded to its longest sample (a multiple of 8), SDPA attention,
   logits of the scored positions only;
 - packing: `--packing`, samples packed into rows of `--max-length` tokens, each sample attending to itself.
+
+For the newer families (`--preset tiny-qwen2-vl | tiny-qwen2.5-vl | tiny-qwen3-vl`) there is no upstream
+recipe (it is Qwen-VL v1's finetune.py); the baseline is then `padded`: qwenvl's own training with every batch
+padded to `--max-length` (the collator's `pad_to`), which is what padding to the maximum length costs. A sample's
+picture is 224 px, whose tokens the family's processor decides (the tiny presets: 16 + 2 markers).
 
 Every configuration runs `--rounds` times, in a rotating order; the JSON keeps every run and the medians.
 Reported per run: samples/s and real tokens/s over the training loop (data loading included, model loading
@@ -55,6 +62,12 @@ CONFIGS = {
     "dynamic": {},
     "packing": {"packing": True},
 }
+# the newer families: padding every batch to --max-length is the baseline (no upstream recipe exists for them)
+FAMILY_CONFIGS = {
+    "padded": {},
+    "dynamic": {},
+    "packing": {"packing": True},
+}
 # --------------------------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------------------------
@@ -79,6 +92,12 @@ def worker(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     options = TrainOptions(**spec["options"])
+    if spec.get("pad_to_max"):  # the `padded` baseline: every batch padded to --max-length
+        from qwenvl_cli.families import family_for
+
+        family = family_for(options.model)
+        collator = family.collator
+        family.collator = lambda tokenizer, pad_to=None: collator(tokenizer, pad_to=options.max_length)
     result = run_training(options)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
@@ -108,14 +127,18 @@ def run_config(name: str, args, work: Path, round_index: int) -> dict:
         "lora_r": args.lora_r,
         "save_steps": 10**6,
         "seed": 0,
-        **CONFIGS[name],
+        **configs_of(args)[name],
     }
-    spec = {"threads": args.threads, "options": options}
+    spec = {"threads": args.threads, "options": options, "pad_to_max": name == "padded"}
     command = [sys.executable, __file__, "--worker", json.dumps(spec)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{name} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def configs_of(args) -> dict[str, dict]:
+    return CONFIGS if args.preset in ("tiny", "tiny-base") else FAMILY_CONFIGS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-tokens", type=int, default=300, help="shortest sample (a picture alone is 258)")
     parser.add_argument("--max-length", type=int, default=2048, help="longest sample, the upstream padding width")
     parser.add_argument("--method", choices=("lora", "full"), default="lora")
+    parser.add_argument(
+        "--preset",
+        default="tiny",
+        help="init-model preset: tiny (Qwen-VL) or tiny-qwen2-vl|tiny-qwen2.5-vl|tiny-qwen3-vl",
+    )
     parser.add_argument("--batch-size", type=int, default=1, help="the seed's table: 1")
     parser.add_argument("--grad-accum", type=int, default=8, help="the seed's table: 8")
     parser.add_argument("--lora-r", type=int, default=64)
@@ -138,12 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
 
-    from qwenvl_cli.model.presets import init_model
+    from qwenvl_cli.families import family_of_preset
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qwenvl-train-bench-") as scratch:
         work = Path(scratch)
-        init_model("tiny", work / "model", seed=0)
+        family_of_preset(args.preset).init_model(args.preset, work / "model", seed=0)
         wanted = draw_lengths(args.n, args.min_tokens, args.max_length, args.lengths, args.seed)
         lengths = make_data(work / "data", work / "model", wanted, args.seed)
         print(
@@ -151,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             f"({args.lengths}); padding width {args.max_length}",
             flush=True,
         )
-        names = list(CONFIGS)
+        names = list(configs_of(args))
+        baseline = names[0]
         runs: dict[str, list[dict]] = {name: [] for name in names}
         load_before = load_average()
         for round_index in range(args.rounds):
@@ -176,11 +205,11 @@ def main(argv: list[str] | None = None) -> int:
             key: median(name, key)
             for key in ("samples_per_second", "tokens_per_second", "padding_share", "peak_rss_mib", "train_seconds")
         }
-        summary[name]["samples_per_second_vs_upstream"] = round(
-            summary[name]["samples_per_second"] / summary["upstream"]["samples_per_second"], 2
+        summary[name][f"samples_per_second_vs_{baseline}"] = round(
+            summary[name]["samples_per_second"] / summary[baseline]["samples_per_second"], 2
         )
-        summary[name]["peak_rss_vs_upstream"] = round(
-            summary[name]["peak_rss_mib"] / summary["upstream"]["peak_rss_mib"], 3
+        summary[name][f"peak_rss_vs_{baseline}"] = round(
+            summary[name]["peak_rss_mib"] / summary[baseline]["peak_rss_mib"], 3
         )
     result = {
         "benchmark": "train",
@@ -199,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             "pictures_per_sample": 1,
         },
         "settings": {
-            "model": "tiny (random weights, fp32, CPU)",
+            "model": f"{args.preset} (random weights, fp32, CPU)",
+            "baseline": baseline,
             "method": args.method,
             "max_length": args.max_length,
             "batch_size": args.batch_size,
@@ -217,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(
             f"{name:9s} {summary[name]['samples_per_second']:7.2f} samples/s  "
-            f"×{summary[name]['samples_per_second_vs_upstream']:.2f} vs upstream  "
-            f"peak RSS ×{summary[name]['peak_rss_vs_upstream']:.2f}"
+            f"×{summary[name][f'samples_per_second_vs_{baseline}']:.2f} vs {baseline}  "
+            f"peak RSS ×{summary[name][f'peak_rss_vs_{baseline}']:.2f}"
         )
     print(f"wrote {args.output}")
     return 0
