@@ -10,7 +10,8 @@
   (`qwenvl_cli.grounding`): Qwen2-VL's special tokens, Qwen2.5-VL's JSON in absolute pixels of the resized
   picture, Qwen3-VL's JSON in relative numbers.
 - Training: LM + merger in full fine-tuning (the vision tower with --train-vit), LoRA on the LM's Linears only.
-- Not yet: chat, eval, merge --verify (`processor`, `chat_session`), Q-LoRA, --packing, --recipe upstream.
+- Asking (chat, eval, serve-ui, merge --verify): `processor` and `chat_session` in `hf_vl_chat.py`.
+- Not yet: Q-LoRA, --packing, --recipe upstream.
 """
 
 from __future__ import annotations
@@ -529,17 +530,14 @@ class HFVisionFamily(ModelFamily):
         return 0
 
     def processor(self, tokenizer, config, image_root: Path | None = None, system: str | None = None):
-        raise self._not_yet("chat, eval and merge --verify (asking the model)")
+        from .hf_vl_chat import VisionProcessor
+
+        return VisionProcessor(self, tokenizer, config, image_root, system)
 
     def chat_session(self, model, processor, generation: dict[str, Any]):
-        raise self._not_yet("chat sessions")
+        from .hf_vl_chat import VisionChatSession
 
-    def _not_yet(self, what: str) -> QwenvlError:
-        return QwenvlError(
-            f"qwenvl does not do {what} with {self.title} models yet: training (full and LoRA) is what works today",
-            "Load the trained folder with transformers (AutoModelForImageTextToText) to ask it; chat, eval and "
-            "merge for this family come next",
-        )
+        return VisionChatSession(model, processor, dict(generation or {}))
 
     # -- training --------------------------------------------------------------------------------------------
     def training_dataset(
