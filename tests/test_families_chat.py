@@ -4,6 +4,9 @@ in the data format. The tiny random models answer gibberish, so these tests chec
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -116,3 +119,154 @@ def test_answers_keep_box_tokens_and_drop_control_tokens(loaded_vl):
     decoder = PieceDecoder(tokenizer)
     text = "".join(decoder.push(i) for i in ids)
     assert text == answer
+
+
+# -- boxes in answers ------------------------------------------------------------------------------------------------
+# One box on a 320×200 picture: pixels (80, 50)–(240, 150), relative (250, 250)–(750, 750). The tiny Qwen2.5-VL
+# budget resizes the picture to 140×84, where the box is (35, 21)–(105, 63).
+ANSWERS = {
+    "qwen2-vl": "It is <|object_ref_start|>the cat<|object_ref_end|><|box_start|>(250,250),(750,750)<|box_end|>.",
+    "qwen2.5-vl": 'Here:\n```json\n[{"bbox_2d": [35, 21, 105, 63], "label": "the cat"}]\n```',
+    "qwen3-vl": '```json\n[\n  {"bbox_2d": [250, 250, 750, 750], "label": "the cat"}\n]\n```',
+}
+PIXELS = [80, 50, 240, 150]
+
+
+def test_parsing_each_convention_and_malformed_answers_never_raise():
+    from qwenvl_cli.grounding import answer_boxes, to_data_markup, to_pixels, to_relative
+
+    (tokens,) = answer_boxes(ANSWERS["qwen2-vl"], "tokens")
+    assert tokens.label == "the cat" and tokens.numbers == (250, 250, 750, 750)
+    (absolute,) = answer_boxes(ANSWERS["qwen2.5-vl"], "absolute")
+    assert absolute.numbers == (35, 21, 105, 63)
+    assert to_pixels(absolute.numbers, "absolute", 320, 200, (84, 140)) == tuple(PIXELS)
+    assert to_relative(absolute.numbers, "absolute", (84, 140)) == (250, 250, 750, 750)
+    assert to_pixels((250, 250, 750, 750), "relative", 320, 200) == tuple(PIXELS)
+    two = answer_boxes('{"bbox_2d": [1, 2, 3, 4]} and {"bbox_2d": [5.5, 6, 7, 8], "label": "b"}', "relative")
+    assert [(b.label, b.numbers) for b in two] == [(None, (1, 2, 3, 4)), ("b", (5.5, 6, 7, 8))]
+    for broken in ('{"bbox_2d": [1, 2, 3', '{"bbox_2d": [1, 2, 3]}', '{"bbox_2d": "x"}', "{{{", "<|box_start|>(1,2)"):
+        assert answer_boxes(broken, "relative") == [] and answer_boxes(broken, "tokens") == []
+    assert to_data_markup(ANSWERS["qwen2.5-vl"], "absolute", (84, 140)) == (
+        "Here:\n<ref>the cat</ref><box>(250,250),(750,750)</box>"
+    )
+    assert to_data_markup(ANSWERS["qwen3-vl"], "relative") == "<ref>the cat</ref><box>(250,250),(750,750)</box>"
+    assert to_data_markup(ANSWERS["qwen2-vl"], "tokens") == "It is <ref>the cat</ref><box>(250,250),(750,750)</box>."
+    assert to_data_markup("No boxes.", "relative") == "No boxes."
+
+
+@pytest.fixture
+def wide(tmp_path) -> Path:
+    Image.new("RGB", (320, 200), (255, 255, 255)).save(tmp_path / "wide.png")
+    return tmp_path / "wide.png"
+
+
+def conversation_for(loaded_vl, name, image_root):
+    from qwenvl_cli.chat import Conversation
+    from qwenvl_cli.inference import LoadedModel
+
+    family, model, tokenizer = loaded_vl[name]
+    return Conversation(LoadedModel(model, tokenizer, {}, "cpu", "fp32", family), image_root)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_each_familys_boxes_are_drawn_at_the_pictures_pixels_and_saved_as_data_markup(loaded_vl, wide, tmp_path, name):
+    from qwenvl_cli.chat import BOX_COLOURS
+    from qwenvl_cli.schemas import Sample
+
+    conversation = conversation_for(loaded_vl, name, wide.parent)
+    conversation.session.history = [(conversation.session.make_query("Where is the cat?", ["wide.png"]), ANSWERS[name])]
+    result = conversation.grounding(ANSWERS[name], tmp_path / "drawn")
+    (box,) = result.boxes
+    assert box.box_pixels == PIXELS and box.box_norm1000 == [250, 250, 750, 750] and box.ref == "the cat"
+    assert box.convention == ("resized-pixels" if name == "qwen2.5-vl" else "relative-1000")
+    assert box.box_model == ([35, 21, 105, 63] if name == "qwen2.5-vl" else [250, 250, 750, 750])
+    drawn = Image.open(result.image_with_boxes).convert("RGB")
+    assert drawn.size == (320, 200)
+    assert drawn.getpixel((80, 100)) == BOX_COLOURS[0] and drawn.getpixel((239, 100)) == BOX_COLOURS[0]
+    assert drawn.getpixel((75, 100)) == (255, 255, 255) and drawn.getpixel((160, 100)) == (255, 255, 255)
+
+    saved = json.loads(conversation.save(tmp_path / "chat.json").read_text())
+    answer = saved[0]["conversations"][1]["value"]
+    assert "<ref>the cat</ref><box>(250,250),(750,750)</box>" in answer
+    Sample.model_validate(saved[0])
+
+
+# -- eval --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NEW)
+def test_eval_scores_grounding_in_the_familys_convention_and_exact_answers(loaded_vl, wide, monkeypatch, name):
+    from qwenvl_cli.evaluate import evaluate
+    from qwenvl_cli.families.hf_vl_chat import VisionChatSession
+
+    wrong = {  # right numbers read in another convention: off the box
+        "qwen2-vl": ANSWERS["qwen2-vl"].replace("(250,250),(750,750)", "(35,21),(105,63)"),
+        "qwen2.5-vl": ANSWERS["qwen2.5-vl"].replace("35, 21, 105, 63", "250, 250, 750, 750"),
+        "qwen3-vl": ANSWERS["qwen3-vl"].replace("250, 250, 750, 750", "35, 21, 105, 63"),
+    }
+    answers = {"Where is the cat?": ANSWERS[name], "And again?": wrong[name], "What colour?": "White."}
+
+    def ask(self, text, images=(), settings=None):
+        return answers[text.splitlines()[-1]]
+
+    monkeypatch.setattr(VisionChatSession, "ask", ask)
+    sample = {
+        "id": "s",
+        "conversations": [
+            {"from": "user", "value": "Picture 1: <img>wide.png</img>\nWhere is the cat?"},
+            {"from": "assistant", "value": "<ref>the cat</ref><box>(250,250),(750,750)</box>"},
+            {"from": "user", "value": "And again?"},
+            {"from": "assistant", "value": "<ref>the cat</ref><box>(250,250),(750,750)</box>"},
+            {"from": "user", "value": "What colour?"},
+            {"from": "assistant", "value": "white"},
+        ],
+    }
+    family, model, tokenizer = loaded_vl[name]
+    processor = family.processor(tokenizer, model.config, image_root=wide.parent)
+    report = evaluate(model, processor, [sample], family=family)
+    assert (report.grounding_n, report.grounding_correct, report.exact_n, report.exact_correct) == (2, 1, 1, 1)
+    assert report.worst[0].prediction == wrong[name] and report.worst[0].iou < 0.5
+    assert report.mean_iou == pytest.approx((1.0 + report.worst[0].iou) / 2, abs=1e-3)
+
+
+def test_eval_runs_on_a_family_model(loaded_vl):
+    from qwenvl_cli.evaluate import evaluate
+
+    family, model, tokenizer = loaded_vl["qwen3-vl"]
+    processor = family.processor(tokenizer, model.config, image_root=DEMO_DATA.parent)
+    samples = json.loads(DEMO_DATA.read_text())[:1]
+    report = evaluate(model, processor, samples, GenerationSettings(max_new_tokens=4), family=family)
+    assert report.questions == sum(1 for t in samples[0]["conversations"] if t["from"] == "assistant")
+
+
+# -- the CLI and merge --verify ----------------------------------------------------------------------------------------
+def test_cli_chat_json_one_shot_on_a_family_model(vl_models, tmp_path):
+    from typer.testing import CliRunner
+
+    from qwenvl_cli.cli import app
+
+    picture = DEMO_DATA.parent / "images" / "shapes_00.png"
+    args = ["chat", "--model", str(vl_models / "qwen2.5-vl"), "--image", str(picture), "--prompt", "What?"]
+    result = CliRunner().invoke(app, [*args, "--json", "--max-new-tokens", "4", "--save-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    assert isinstance(answer["answer"], str) and answer["boxes"] == [] and answer["first_token_seconds"] is not None
+
+
+def test_merge_verify_passes_on_a_family_lora_run(vl_models, tmp_path):
+    from typer.testing import CliRunner
+
+    from qwenvl_cli.cli import app
+    from qwenvl_cli.train.options import TrainOptions
+    from qwenvl_cli.train.runner import run_training
+
+    run = tmp_path / "run"
+    options = TrainOptions(
+        method="lora", model=vl_models / "qwen2.5-vl", data=DEMO_DATA, output=run, max_steps=2, batch_size=2,
+        grad_accum=1, lr=2e-2, lora_r=8, save_steps=2,
+    )  # fmt: skip
+    run_training(options)
+    args = ["merge", str(run), "--output", str(tmp_path / "merged"), "--verify", "--format", "json"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    verification = json.loads(result.stdout)["verification"]
+    assert verification["passed"] and [p["name"] for p in verification["prompts"]] == ["text", "image"]
+    assert verification["prompts"][1]["tokens"] > verification["prompts"][0]["tokens"] + 4

@@ -532,7 +532,8 @@ class HFVisionFamily(ModelFamily):
     def processor(self, tokenizer, config, image_root: Path | None = None, system: str | None = None):
         from .hf_vl_chat import VisionProcessor
 
-        return VisionProcessor(self, tokenizer, config, image_root, system)
+        template = self.template(tokenizer, system, image_root)
+        return VisionProcessor(template, tokenizer, config, image_processor(_folder_of(tokenizer)), image_root)
 
     def chat_session(self, model, processor, generation: dict[str, Any]):
         from .hf_vl_chat import VisionChatSession

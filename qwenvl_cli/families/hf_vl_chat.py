@@ -38,15 +38,13 @@ class VisionProcessor:
     """Conversations → model tensors for asking: `input_ids`, `attention_mask`, `mm_token_type_ids`,
     `pixel_values`, `image_grid_thw` (shape (1, S) for the text)."""
 
-    def __init__(self, family, tokenizer, config, image_root: Path | None = None, system: str | None = None):
-        from .hf_vl import _folder_of
-
-        self.family = family
+    def __init__(self, template, tokenizer, config, image_processor, image_root: Path | None = None):
+        """`template`: the family's `VisionTemplate`; `image_processor`: the folder's (hf_vl.image_processor)."""
         self.tokenizer = tokenizer
         self.config = config
         self.image_root = Path(image_root) if image_root is not None else None
-        self.folder = _folder_of(tokenizer)
-        self.template = family.template(tokenizer, system, self.image_root)
+        self.template = template
+        self.image_processor = image_processor
         self.pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
 
     def prompt(self, turns: Sequence[tuple[str, str]]):
@@ -62,10 +60,9 @@ class VisionProcessor:
         if not paths:
             return None, None
         from ..images import load_image
-        from .hf_vl import image_processor
 
         pictures = [load_image(path, self.image_root).convert("RGB") for path in paths]
-        features = image_processor(self.folder)(images=pictures, return_tensors="pt")
+        features = self.image_processor(images=pictures, return_tensors="pt")
         return features["pixel_values"], features["image_grid_thw"]
 
     def tensors(self, encoded, with_images: bool = True) -> dict:
