@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from .errors import QwenvlError
+from .grounding import family_box_style as box_style
 from .inference import LoadedModel, load_for_inference
 from .schemas import GenerationSettings
 
@@ -26,6 +27,8 @@ class FoundBox(BaseModel):
     ref: str | None
     box_norm1000: list[int]  # x1, y1, x2, y2 in [0, 1000)
     box_pixels: list[int]  # the same on the picture, in pixels
+    box_model: list[int | float] | None = None  # the numbers as the model wrote them (its family's convention)
+    convention: str = "relative-1000"  # of box_model: "relative-1000" or "resized-pixels" (Qwen2.5-VL)
 
 
 class ChatAnswer(BaseModel):
@@ -103,12 +106,22 @@ class Conversation:
 
     def pictures(self) -> list[str]:
         """Every picture of the conversation so far, in order (Picture 1, 2, …)."""
-        from .markup import scan_markup
-
         found = []
         for query, _ in self.session.history:
-            found += [span.content for span in scan_markup(query).spans if span.kind == "img"]
+            found += self._pictures_in(query)
         return found
+
+    @staticmethod
+    def _pictures_in(query: str) -> list[str]:
+        from .markup import scan_markup
+
+        return [span.content for span in scan_markup(query).spans if span.kind == "img"]
+
+    def _resized(self, picture: str | None, style: str | None) -> tuple[int, int] | None:
+        """(H′, W′) the processor resizes `picture` to, for the families whose boxes are in those pixels."""
+        if picture is None or style != "absolute":
+            return None
+        return self.processor.template.resized(picture)
 
     def stream(self, text: str, settings: GenerationSettings) -> Iterator[str]:
         """Answer `text` (with the pending pictures), piece by piece; the exchange is kept once complete.
@@ -134,8 +147,15 @@ class Conversation:
 
     def save(self, path: Path) -> Path:
         """The conversation in the data format (a JSON list with one sample), ready to train on."""
+        from .grounding import to_data_markup
+
+        style = box_style(self.loaded.family)
         turns = []
+        picture = None
         for query, answer in self.session.history:
+            picture = (self._pictures_in(query) or [picture])[-1]
+            if style is not None:  # the family's boxes back into the data format's <ref>/<box> markup
+                answer = to_data_markup(answer, style, self._resized(picture, style))
             turns += [{"from": "user", "value": query}, {"from": "assistant", "value": answer}]
         sample = {"id": f"chat-{time.strftime('%Y%m%d-%H%M%S')}", "conversations": turns}
         path = Path(path)
@@ -146,23 +166,45 @@ class Conversation:
     def grounding(self, answer: str, save_dir: Path | None) -> ChatAnswer:
         """The boxes of `answer` in pixels of the latest picture, drawn there and saved as PNG in `save_dir`."""
         from .evaluate import extract_boxes
+        from .grounding import CONVENTIONS, answer_boxes, to_pixels, to_relative
 
-        found = extract_boxes(answer)
+        style = box_style(self.loaded.family)
         pictures = self.pictures()
-        if not found or not pictures:
+        if not pictures:
             return ChatAnswer(answer=answer, boxes=[])
         from .images import load_image
 
         picture = pictures[-1]
-        image = load_image(picture, self.image_root)
-        boxes = [
-            FoundBox(
-                ref=ref,
-                box_norm1000=[box.x1, box.y1, box.x2, box.y2],
-                box_pixels=list(box.to_pixels(image.width, image.height)),
-            )
-            for ref, box in found
-        ]
+        if style is None:
+            found = extract_boxes(answer)
+            if not found:
+                return ChatAnswer(answer=answer, boxes=[])
+            image = load_image(picture, self.image_root)
+            boxes = [
+                FoundBox(
+                    ref=ref,
+                    box_norm1000=[box.x1, box.y1, box.x2, box.y2],
+                    box_pixels=list(box.to_pixels(image.width, image.height)),
+                    box_model=[box.x1, box.y1, box.x2, box.y2],
+                )
+                for ref, box in found
+            ]
+        else:
+            family_boxes = answer_boxes(answer, style)
+            if not family_boxes:
+                return ChatAnswer(answer=answer, boxes=[])
+            image = load_image(picture, self.image_root)
+            resized = self._resized(picture, style)
+            boxes = [
+                FoundBox(
+                    ref=box.label,
+                    box_norm1000=list(to_relative(box.numbers, style, resized)),
+                    box_pixels=list(to_pixels(box.numbers, style, image.width, image.height, resized)),
+                    box_model=list(box.numbers),
+                    convention=CONVENTIONS[style],
+                )
+                for box in family_boxes
+            ]
         out = None
         if save_dir is not None:
             out = draw_boxes(image, boxes, Path(save_dir) / f"boxes-{time.strftime('%Y%m%d-%H%M%S')}-{id(answer)}.png")

@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from . import __version__
 from .errors import QwenvlError
 from .families import ModelFamily
+from .grounding import family_box_style
 from .inference import check_adapter
 from .markup import parse_box_text, scan_markup
 from .schemas import Box, GenerationSettings, Sample, Severity
@@ -131,6 +132,56 @@ def score(pred: str, ref: str) -> SampleScore:
     return SampleScore(kind="grounding", correct=worst >= IOU_THRESHOLD, iou=round(worst, 4))
 
 
+def _pixel_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(0, width) * max(0, height)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def score_family(
+    pred: str,
+    ref: str,
+    style: str | None,
+    size: tuple[int, int] | None = None,
+    resized: tuple[int, int] | None = None,
+) -> SampleScore:
+    """`score` for a family whose answers write boxes in its own convention (docs/families.md §4): the
+    prediction's boxes are read in `style` ("tokens", "absolute", "relative"; None: v1's markup, `score`) and
+    IoU is computed in pixels of the picture (`size` (W, H); the reference's 0–1000 boxes are scaled to it).
+    `resized` (H′, W′) is the picture as the model saw it (Qwen2.5-VL's numbers are its pixels)."""
+    if style is None:
+        return score(pred, ref)
+    from .grounding import answer_boxes, to_pixels
+
+    ref_boxes = [box for _, box in extract_boxes(ref)]
+    if not ref_boxes:
+        return SampleScore(kind="exact", correct=answer_matches(pred, ref))
+    width, height = size or (1000, 1000)
+    refs = [(b.x1 * width / 1000, b.y1 * height / 1000, b.x2 * width / 1000, b.y2 * height / 1000) for b in ref_boxes]
+    preds = [to_pixels(box.numbers, style, width, height, resized) for box in answer_boxes(pred, style)]
+    worst = min(max((_pixel_iou(r, p) for p in preds), default=0.0) for r in refs)
+    return SampleScore(kind="grounding", correct=worst >= IOU_THRESHOLD, iou=round(worst, 4))
+
+
+def _latest_picture(history: Sequence[tuple[str, str]], question: str) -> str | None:
+    found = [span.content for q, _ in history for span in scan_markup(q).spans if span.kind == "img"]
+    found += [span.content for span in scan_markup(question).spans if span.kind == "img"]
+    return found[-1] if found else None
+
+
+def _picture_sizes(processor, picture: str | None, style: str | None):
+    """((W, H) of the picture itself, (H′, W′) as the model sees it) for a family's grounding score."""
+    if style is None or picture is None:
+        return None, None
+    from .images import load_image
+
+    image = load_image(picture, getattr(processor, "image_root", None))
+    resized = processor.template.resized(picture) if style == "absolute" else None
+    return (image.width, image.height), resized
+
+
 # --------------------------------------------------------------------------------------------------
 # The evaluation loop
 
@@ -169,11 +220,16 @@ def evaluate(
     parsed = [s if isinstance(s, Sample) else Sample.model_validate(s) for s in samples]
     plan = [(sample, question) for sample in parsed for question in _questions(sample)]
     session = family.chat_session(model, processor, generation or {})
+    style = family_box_style(family)
     results: list[QuestionResult] = []
     for done, (sample, (turn, history, question, reference)) in enumerate(plan, 1):
         session.history = list(history)
         prediction = session.ask(question, settings=settings)
-        scored = score(prediction, reference)
+        if style is None:
+            scored = score(prediction, reference)
+        else:
+            size, resized = _picture_sizes(processor, _latest_picture(history, question), style)
+            scored = score_family(prediction, reference, style, size, resized)
         results.append(
             QuestionResult(
                 **scored.model_dump(),

@@ -362,11 +362,14 @@ def prompt_logits(model, prompts: list[tuple[str, dict]]) -> list:
     with torch.no_grad():
         for _, batch in prompts:
             pixels = batch["pixel_values"]
+            # the newer families' pictures also need their grid and token types (hf_vl_chat.VisionProcessor)
+            extra = {k: batch[k] for k in ("image_grid_thw", "mm_token_type_ids") if batch.get(k) is not None}
             logits = model(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
                 pixel_values=None if pixels is None else pixels.float(),
                 use_cache=False,
+                **extra,
             ).logits
             out.append(logits.float())
     return out

@@ -515,3 +515,46 @@ def test_the_command_serves_the_page_with_the_real_model(browser, models, pictur
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+@pytest.mark.browser
+@browser_skip
+def test_in_the_browser_a_qwen25_vl_grounded_answer_shows_its_box_at_the_pictures_pixels(
+    browser, vl_models, picture, monkeypatch, tmp_path
+):
+    """Qwen2.5-VL answers boxes as JSON in pixels of the resized picture (140×84 for 320×200 at the tiny preset's
+    budget): (35, 21)–(105, 63) there is (80, 50)–(240, 150) on the picture itself."""
+    from qwenvl_cli.chat import BOX_COLOURS
+    from qwenvl_cli.families.hf_vl_chat import VisionChatSession
+    from qwenvl_cli.inference import load_for_inference
+    from qwenvl_cli.ui import launch
+
+    answer = '```json\n[{"bbox_2d": [35, 21, 105, 63], "label": "the middle"}]\n```'
+
+    def stream_query(self, query, settings=None):
+        yield answer
+        self.history.append((query, answer))
+
+    monkeypatch.setattr(VisionChatSession, "stream_query", stream_query)
+    loaded = load_for_inference(vl_models / "qwen2.5-vl")
+    family_page = ChatPage(loaded, "model qwen2.5-vl · cpu (fp32)", GenerationSettings(max_new_tokens=6), tmp_path)
+    demo = launch(family_page, "127.0.0.1", free_port(), False, None, 1)
+    tab = browser.new_page(viewport={"width": 1200, "height": 1150})
+    try:
+        tab.goto(demo.local_url)
+        tab.get_by_text("model qwen2.5-vl · cpu (fp32)").wait_for()
+        upload_and_ask(tab, picture, "Where is the middle?")
+        tab.get_by_text("Answered in").wait_for(timeout=30_000)
+        chat = tab.locator("#qwenvl-chat")
+        chat.get_by_text("1 box on Picture 1 (pixels): the middle [80, 50, 240, 150]").first.wait_for()
+        drawn = chat.locator("img[src*='/boxes-']")
+        drawn.wait_for()
+        assert drawn.evaluate("img => img.complete && img.naturalWidth") == 320
+        name = drawn.get_attribute("src").rsplit("/", 1)[-1]
+        (shown,) = list(tmp_path.rglob(name))
+        image = Image.open(shown).convert("RGB")
+        assert image.getpixel((80, 130)) == BOX_COLOURS[0] and image.getpixel((239, 130)) == BOX_COLOURS[0]
+        assert image.getpixel((76, 130)) == (246, 244, 238) and image.getpixel((150, 130)) == (246, 244, 238)
+    finally:
+        tab.close()
+        demo.close()

@@ -13,7 +13,8 @@
   Q-LoRA with those Linears in NF4 (`nf4_layer_names`).
 - --packing: rows of several samples, each with its own M-RoPE positions (the model's `get_rope_index`) and
   attention confined to it (transformers' packed position ids).
-- Not yet: chat, eval, merge --verify (`processor`, `chat_session`), GPTQ checkpoints, --recipe upstream.
+- Asking (chat, eval, serve-ui, merge --verify): `processor` and `chat_session` in `hf_vl_chat.py`.
+- Not yet: GPTQ checkpoints, --recipe upstream.
 """
 
 from __future__ import annotations
@@ -716,17 +717,15 @@ class HFVisionFamily(ModelFamily):
         return 0
 
     def processor(self, tokenizer, config, image_root: Path | None = None, system: str | None = None):
-        raise self._not_yet("chat, eval and merge --verify (asking the model)")
+        from .hf_vl_chat import VisionProcessor
+
+        template = self.template(tokenizer, system, image_root)
+        return VisionProcessor(template, tokenizer, config, image_processor(_folder_of(tokenizer)), image_root)
 
     def chat_session(self, model, processor, generation: dict[str, Any]):
-        raise self._not_yet("chat sessions")
+        from .hf_vl_chat import VisionChatSession
 
-    def _not_yet(self, what: str) -> QwenvlError:
-        return QwenvlError(
-            f"qwenvl does not do {what} with {self.title} models yet: training (full and LoRA) is what works today",
-            "Load the trained folder with transformers (AutoModelForImageTextToText) to ask it; chat, eval and "
-            "merge for this family come next",
-        )
+        return VisionChatSession(model, processor, dict(generation or {}))
 
     # -- training --------------------------------------------------------------------------------------------
     def training_dataset(
