@@ -110,6 +110,24 @@ def test_sampling_with_a_seed_repeats_and_settings_reach_generate(loaded_vl, mon
     assert set(seen["eos_token_id"]) == {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
 
 
+def test_rows_past_the_tokenizer_and_picture_tokens_are_never_generated(loaded_vl):
+    """The tiny models have 1,024 embedding rows for a 914-token tokenizer (as the official 151,936/152,064 rows
+    exceed theirs): sampling hot from a random model reaches those rows unless they are suppressed."""
+    from qwenvl_cli.families.hf_vl_chat import PICTURE_TOKENS, never_generated, stream_token_ids
+
+    _family, model, tokenizer = loaded_vl["qwen2.5-vl"]
+    session = session_for(loaded_vl, "qwen2.5-vl")
+    inputs = session.prompt(session.make_query("Hi"))
+    pictures = {tokenizer.convert_tokens_to_ids(t) for t in PICTURE_TOKENS}
+    suppress = never_generated(model, tokenizer)
+    assert pictures <= set(suppress) and max(suppress) == model.config.get_text_config().vocab_size - 1
+    hot = GenerationSettings(max_new_tokens=64, temperature=5.0, top_p=1.0, top_k=0, seed=0)
+    free = list(stream_token_ids(model, inputs, hot, [], 0))
+    assert any(token >= len(tokenizer) or token in pictures for token in free)  # the rows are reachable
+    kept = list(stream_token_ids(model, inputs, hot, [], 0, suppress))
+    assert len(kept) == 64 and not any(token >= len(tokenizer) or token in pictures for token in kept)
+
+
 def test_answers_keep_box_tokens_and_drop_control_tokens(loaded_vl):
     from qwenvl_cli.families.hf_vl_chat import PieceDecoder
 

@@ -22,16 +22,8 @@ from typing import Any
 
 from ..schemas import GenerationSettings
 
-CONTROL_TOKENS = (
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|endoftext|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-    "<|vision_pad|>",
-)
+PICTURE_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>")
+CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", *PICTURE_TOKENS)
 
 
 class VisionProcessor:
@@ -142,9 +134,21 @@ def _eos_ids(generation: dict[str, Any], tokenizer) -> list[int]:
     return [int(i) for i in (eos if isinstance(eos, list | tuple) else [eos])]
 
 
-def stream_token_ids(model, inputs: dict, settings: GenerationSettings, eos: Sequence[int], pad: int) -> Iterator[int]:
-    """New token ids from `model.generate` as they come (eos not yielded). Closing the iterator early sets the
-    stopping flag and waits for the generation thread to end."""
+def never_generated(model, tokenizer) -> list[int]:
+    """Ids an answer must not hold: the embedding rows past the tokenizer (padding rows of the official vocab)
+    and the picture tokens, which only the processor places."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rows = int(getattr(text_config, "vocab_size", 0) or len(tokenizer))
+    pictures = {tokenizer.convert_tokens_to_ids(t) for t in PICTURE_TOKENS} - {None, tokenizer.unk_token_id}
+    return sorted(pictures | set(range(len(tokenizer), rows)))
+
+
+def stream_token_ids(
+    model, inputs: dict, settings: GenerationSettings, eos: Sequence[int], pad: int, suppress: Sequence[int] = ()
+) -> Iterator[int]:
+    """New token ids from `model.generate` as they come (eos not yielded; `suppress` never generated). Closing
+    the iterator early sets the stopping flag and waits for the generation thread to end."""
     import torch
 
     device = getattr(model, "device", None) or next(model.parameters()).device
@@ -157,6 +161,8 @@ def stream_token_ids(model, inputs: dict, settings: GenerationSettings, eos: Seq
         "repetition_penalty": settings.repetition_penalty,
         "use_cache": settings.use_cache,
     }
+    if suppress:
+        options["suppress_tokens"] = list(suppress)
     if settings.temperature > 0:
         options.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
     else:
@@ -254,7 +260,10 @@ class VisionChatSession:
         tokenizer = self.processor.tokenizer
         decoder = PieceDecoder(tokenizer)
         eos = _eos_ids(self.generation, tokenizer)
-        tokens = stream_token_ids(self.model, inputs, settings or GenerationSettings(), eos, self.processor.pad_id)
+        suppress = never_generated(self.model, tokenizer)
+        tokens = stream_token_ids(
+            self.model, inputs, settings or GenerationSettings(), eos, self.processor.pad_id, suppress
+        )
         try:
             for token in tokens:
                 piece = decoder.push(token)
