@@ -403,3 +403,35 @@ def test_a_resumed_run_must_keep_the_picture_bounds_and_the_group_layout(vl_mode
     assert identity(max_pixels=7840) != plain
     assert identity(vision_lr=1e-5) != plain
     assert identity(merger_lr=1e-5) == identity(merger_lr=2e-5)  # a rate may change, the groups may not
+
+
+def test_eval_data_is_scored_during_training_for_a_family(vl_models, tmp_path):
+    """--eval-data with a Qwen2.5-VL model: the eval loss and answers asked through the family's chat session at
+    step 0 (before), every --eval-every steps and at the end, recorded in the run folder."""
+    from qwenvl_cli.data.synth import synthesize
+    from qwenvl_cli.train.options import TrainOptions
+    from qwenvl_cli.train.runner import run_training
+
+    synthesize(tmp_path / "syn", n=24, seed=3)
+    events = []
+    options = TrainOptions(
+        model=vl_models / "qwen2.5-vl",
+        data=tmp_path / "syn" / "train.json",
+        eval_data=tmp_path / "syn" / "eval.json",
+        output=tmp_path / "run",
+        method="lora",
+        lora_r=4,
+        max_steps=4,
+        grad_accum=1,
+        eval_every=2,
+        eval_samples=2,
+        save_steps=100,
+    )
+    result = run_training(options, lambda kind, payload: events.append((kind, payload)))
+    evals = [payload for kind, payload in events if kind == "eval"]
+    assert [e["step"] for e in evals] == [0, 2, 4]
+    for record in evals:
+        assert record["eval_loss"] > 0 and record["questions"] >= 2
+        assert 0.0 <= record["accuracy"] <= 1.0
+    manifest = json.loads((tmp_path / "run" / "qwenvl_run.json").read_text())
+    assert manifest["evaluations"] == result.evaluations == evals
