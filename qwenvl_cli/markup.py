@@ -247,3 +247,15 @@ def snippet(text: str, offset: int, width: int = 60) -> str:
     start = max(0, min(start, end - width))
     piece = text[start:end].replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
     return ("…" if start > 0 else "") + piece + ("…" if end < len(text) else "")
+
+
+def pictures_in_history(history) -> int:
+    """Pictures in the queries of a chat history of (query, answer) pairs."""
+    return sum(query.count("<img>") for query, _ in history)
+
+
+def query_with_pictures(history, text: str, images=()) -> str:
+    """`text` after a `Picture N: <img>PATH</img>\\n` line per picture, numbered on from those in `history` (as the
+    training data writes a conversation's pictures)."""
+    first = pictures_in_history(history) + 1
+    return "".join(f"Picture {first + i}: <img>{path}</img>\n" for i, path in enumerate(images)) + text

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..markup import pictures_in_history, query_with_pictures
 from ..schemas import GenerationSettings
 
 PICTURE_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>")
@@ -237,12 +238,10 @@ class VisionChatSession:
 
     @property
     def pictures(self) -> int:
-        return sum(query.count("<img>") for query, _ in self.history)
+        return pictures_in_history(self.history)
 
     def make_query(self, text: str, images: Sequence[str] = ()) -> str:
-        first = self.pictures + 1
-        prefix = "".join(f"Picture {first + i}: <img>{path}</img>\n" for i, path in enumerate(images))
-        return prefix + text
+        return query_with_pictures(self.history, text, images)
 
     def prompt(self, query: str) -> dict:
         turns = [t for q, r in self.history for t in (("user", q), ("assistant", r))] + [("user", query)]

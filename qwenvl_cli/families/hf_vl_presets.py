@@ -166,10 +166,14 @@ def official_config(preset: str, special: dict[str, int]):
 
 def write_official(family, processor_class: type, preset: str, output: Path, force: bool = False, weights=None):
     """Write `preset` config-only into `output`: config.json, tokenizer, processor and generation config."""
-    import json
-    import shutil
-
-    from .hf_vl_tiny import BPE_SIZE, SPECIALS, TEMPLATE_DEFAULT_SYSTEM, TEMPLATE_NO_SYSTEM, tiny_tokenizer
+    from .hf_vl_tiny import (
+        BPE_SIZE,
+        SPECIALS,
+        TEMPLATE_DEFAULT_SYSTEM,
+        TEMPLATE_NO_SYSTEM,
+        tiny_tokenizer,
+        write_folder,
+    )
 
     if weights:
         raise QwenvlError(
@@ -188,25 +192,7 @@ def write_official(family, processor_class: type, preset: str, output: Path, for
     processor = processor_class(
         image_processor=official_image_processor(preset, generation), tokenizer=tokenizer, chat_template=template
     )
-    staging = output.parent / f".{output.name}.init"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        config.save_pretrained(str(staging))
-        processor.save_pretrained(str(staging))
-        processor.image_processor.save_pretrained(str(staging))
-        for name in ("processor_config.json", "tokenizer_config.json", "preprocessor_config.json"):
-            path = staging / name
-            if path.is_file():
-                path.write_text(path.read_text("utf-8").replace(processor_class.__name__, generation.processor_class))
-        generation_config = family.default_generation_config(tokenizer)
-        (staging / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n", "utf-8")
-        if output.exists():
-            shutil.rmtree(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    write_folder(family, processor, processor_class, output, lambda staging: config.save_pretrained(str(staging)))
     return {
         "preset": preset,
         "output": str(output),
@@ -219,14 +205,6 @@ def write_official(family, processor_class: type, preset: str, output: Path, for
 
 
 def official_image_processor(preset: str, generation):
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from .hf_vl_tiny import image_processor_for
 
-    low, high = OFFICIAL[preset]["pixels"]
-    return Qwen2VLImageProcessorPil(
-        size={"shortest_edge": low, "longest_edge": high},
-        patch_size=generation.patch_size,
-        temporal_patch_size=2,
-        merge_size=2,
-        image_mean=list(generation.image_mean),
-        image_std=list(generation.image_std),
-    )
+    return image_processor_for(generation, *OFFICIAL[preset]["pixels"])

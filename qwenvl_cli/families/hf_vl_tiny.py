@@ -145,17 +145,48 @@ def tiny_config(model_type: str):
 
 
 def tiny_image_processor(generation):
+    """The tiny presets' image processor: 4–16 picture tokens."""
+    factor = generation.patch_size * 2
+    return image_processor_for(generation, 4 * factor * factor, 16 * factor * factor)
+
+
+def image_processor_for(generation, min_pixels: int, max_pixels: int):
+    """A Qwen2-VL-kind image processor (the PIL backend) of `generation` with these picture bounds."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    factor = generation.patch_size * 2
     return Qwen2VLImageProcessorPil(
-        size={"shortest_edge": 4 * factor * factor, "longest_edge": 16 * factor * factor},
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
         patch_size=generation.patch_size,
         temporal_patch_size=2,
         merge_size=2,
         image_mean=list(generation.image_mean),
         image_std=list(generation.image_std),
     )
+
+
+def write_folder(family, processor, processor_class: type, output: Path, save_model) -> None:
+    """Write a preset folder atomically: `save_model(staging)` (weights or config), the processor and tokenizer
+    files naming the official processor class, and the family's generation config."""
+    generation = family.generation
+    staging = output.parent / f".{output.name}.init"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        save_model(staging)
+        processor.save_pretrained(str(staging))
+        processor.image_processor.save_pretrained(str(staging))  # preprocessor_config.json, as the Hub's
+        for name in ("processor_config.json", "tokenizer_config.json", "preprocessor_config.json"):
+            path = staging / name
+            if path.is_file():  # the official class, so that AutoProcessor loads it where torchvision is
+                path.write_text(path.read_text("utf-8").replace(processor_class.__name__, generation.processor_class))
+        generation_config = family.default_generation_config(processor.tokenizer)
+        (staging / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n", "utf-8")
+        if output.exists():
+            shutil.rmtree(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging.rename(output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_tiny(
@@ -177,30 +208,16 @@ def write_tiny(
     config = tiny_config(generation.model_type)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
-    staging = output.parent / f".{output.name}.init"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        write_weights = weights is None or weights
+    write_weights = weights is None or weights
+
+    def save_model(staging: Path) -> None:
         if write_weights:
             model.save_pretrained(str(staging))
         else:
             config.architectures = [generation.model_class]
             config.save_pretrained(str(staging))
-        processor.save_pretrained(str(staging))
-        processor.image_processor.save_pretrained(str(staging))  # preprocessor_config.json, as the Hub's
-        for name in ("processor_config.json", "tokenizer_config.json", "preprocessor_config.json"):
-            path = staging / name
-            if path.is_file():  # the official class, so that AutoProcessor loads it where torchvision is
-                path.write_text(path.read_text("utf-8").replace(processor_class.__name__, generation.processor_class))
-        generation_config = family.default_generation_config(tokenizer)
-        (staging / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n", "utf-8")
-        if output.exists():
-            shutil.rmtree(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    write_folder(family, processor, processor_class, output, save_model)
     return {
         "preset": preset,
         "output": str(output),

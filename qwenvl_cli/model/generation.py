@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from transformers import DynamicCache
 
+from ..markup import pictures_in_history, query_with_pictures
 from ..schemas import GenerationSettings
 from .processor import QwenVLProcessor
 from .template import encode_prompt
@@ -118,12 +119,10 @@ class ChatSession:
 
     @property
     def pictures(self) -> int:
-        return sum(query.count("<img>") for query, _ in self.history)
+        return pictures_in_history(self.history)
 
     def make_query(self, text: str, images: Sequence[str] = ()) -> str:
-        first = self.pictures + 1
-        prefix = "".join(f"Picture {first + i}: <img>{path}</img>\n" for i, path in enumerate(images))
-        return prefix + text
+        return query_with_pictures(self.history, text, images)
 
     def prompt(self, query: str) -> dict:
         if self.chat_format == "raw":
