@@ -33,6 +33,7 @@ FAMILY = "qwen2.5-vl"
 COLOURS = ("Red.", "Green.", "Blue.", "Yellow.")
 CHANCE = 1 / len(COLOURS)
 REQUIRED = 0.9
+LORA_STEPS = 150
 pytestmark = pytest.mark.slow
 
 
@@ -57,22 +58,26 @@ def colours(tmp_path_factory) -> Path:
     return folder
 
 
-def choose(model_dir: Path, data: Path, candidates: tuple[str, ...] = COLOURS) -> tuple[float, list[str]]:
-    """(accuracy, chosen answers): for each sample, the candidate answer with the highest log-likelihood."""
+def likelihoods(model_dir: Path, data: Path, candidates_of, adapter: Path | None = None) -> list[list[float]]:
+    """For each sample of `data`, the summed log-likelihood of each of `candidates_of(reference)` as its answer
+    (the answer's tokens, the closing `<|im_end|>` included), under the model (with `adapter` applied)."""
     import torch
 
     from qwenvl_cli.families.hf_vl import PictureCollator, PictureDataset
+    from qwenvl_cli.inference import attach_adapter
 
     family = FAMILIES[FAMILY]
     model, tokenizer = family.load(model_dir, "fp32", "cpu")
+    if adapter is not None:
+        model = attach_adapter(model, adapter, model_dir).eval()
     template = family.template(tokenizer, image_root=data.parent)
     config = family.config(model_dir)
     collate = PictureCollator(tokenizer.convert_tokens_to_ids("<|endoftext|>"))
-    samples = json.loads(data.read_text("utf-8"))
-    chosen, right = [], 0
+    found = []
     with torch.no_grad():
-        for sample in samples:
+        for sample in json.loads(data.read_text("utf-8")):
             question, reference = (turn["value"] for turn in sample["conversations"][:2])
+            candidates = candidates_of(reference)
             encoded = [template.encode([("user", question), ("assistant", answer)]) for answer in candidates]
             rows = PictureDataset(encoded, model_dir, data.parent, int(config.image_token_id))
             batch = collate([rows[i] for i in range(len(rows))])
@@ -81,11 +86,16 @@ def choose(model_dir: Path, data: Path, candidates: tuple[str, ...] = COLOURS) -
             targets = labels[:, 1:]
             mask = targets != -100
             picked = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            scores = (picked * mask).sum(-1)
-            answer = candidates[int(scores.argmax())]
-            chosen.append(answer)
-            right += answer == reference
-    return right / len(samples), chosen
+            found.append((picked * mask).sum(-1).tolist())
+    return found
+
+
+def choose(model_dir: Path, data: Path, candidates: tuple[str, ...] = COLOURS) -> tuple[float, list[str]]:
+    """(accuracy, chosen answers): for each sample, the candidate answer with the highest log-likelihood."""
+    references = [sample["conversations"][1]["value"] for sample in json.loads(data.read_text("utf-8"))]
+    scores = likelihoods(model_dir, data, lambda _: candidates)
+    chosen = [candidates[max(range(len(candidates)), key=row.__getitem__)] for row in scores]
+    return sum(map(str.__eq__, chosen, references)) / len(references), chosen
 
 
 @pytest.fixture(scope="module")
@@ -110,14 +120,87 @@ def full_run(colours, tmp_path_factory):
     )
     result = run_training(options)
     after = choose(root / "run", colours / "eval4.json")
-    return before, result, after
+    return before, result, after, root / "run"
 
 
 def test_full_training_of_tiny_qwen25_vl_learns_to_name_the_colour_it_sees(full_run):
-    (before, before_chosen), result, (after, _) = full_run
+    (before, before_chosen), result, (after, _), _ = full_run
     print(f"{FAMILY} full: held-out colour accuracy {before:.3f} -> {after:.3f}; final loss {result.final_loss}")
     # untrained: near chance (it mostly picks one colour whatever the picture)
     assert before <= CHANCE + 0.2, before_chosen
+    assert after >= REQUIRED > 3 * CHANCE
+
+
+def reword(answer: str) -> str:
+    """ "Red." → "It is red, I think." (v1's re-wording in tests/test_learning.py)"""
+    return f"It is {answer.rstrip('.').lower()}, I think."
+
+
+NEW_FORM = tuple(reword(colour) for colour in COLOURS)
+
+
+def reworded(colours: Path, split: str) -> Path:
+    """`{split}4.json` with every answer re-worded, beside it (so that its pictures are found the same way)."""
+    samples = json.loads((colours / f"{split}4.json").read_text("utf-8"))
+    for sample in samples:
+        sample["conversations"][1]["value"] = reword(sample["conversations"][1]["value"])
+    target = colours / f"{split}4-reworded.json"
+    target.write_text(json.dumps(samples), "utf-8")
+    return target
+
+
+def new_form_scores(model_dir: Path, data: Path, adapter: Path | None = None) -> tuple[float, float]:
+    """(colour accuracy among the four NEW_FORM answers, share of questions where the true colour's new form
+    is more likely than its old one, "It is red, I think." over "Red.")."""
+    old_form = dict(zip(NEW_FORM, COLOURS, strict=True))
+    references = [sample["conversations"][1]["value"] for sample in json.loads(data.read_text("utf-8"))]
+    scores = likelihoods(model_dir, data, lambda reference: (*NEW_FORM, old_form[reference]), adapter)
+    right = prefer_new = 0
+    for reference, row in zip(references, scores, strict=True):
+        right += NEW_FORM[max(range(len(NEW_FORM)), key=row.__getitem__)] == reference
+        prefer_new += row[NEW_FORM.index(reference)] > row[-1]
+    return right / len(references), prefer_new / len(references)
+
+
+def test_lora_on_tiny_qwen25_vl_learns_a_new_answer_form_and_keeps_reading_the_picture(full_run, colours, tmp_path):
+    """As v1's LoRA test (tests/test_learning.py): LoRA on the model the full run produced, every answer
+    re-worded ("Red." → "It is red, I think."). That model prefers the old form for the true colour; only an
+    adapter that learned the new form (preferred on most held-out questions) and keeps naming the colour it sees
+    (≥ 0.9 among the four answers in the new form) passes.
+
+    lm_head is among the LoRA targets (`--lora-targets '<family regex>|lm_head'`): the full run pushed down the
+    output rows of every token its four answers never use ("It", " is", "h", "i", "n", "k", …) along one shared
+    direction, so with lm_head frozen they stay tied (measured: LoRA on the LM alone plateaued at loss ~4.4, each
+    token of the new form at log-probability ~-5.5 ≈ ln(1/245), the old form still preferred on 0 of 46)."""
+    *_, base = full_run
+    train, held_out = reworded(colours, "train"), reworded(colours, "eval")
+    before, before_new = new_form_scores(base, held_out)
+    options = TrainOptions(
+        method="lora",
+        model=base,
+        data=train,
+        output=tmp_path / "adapter",
+        max_steps=LORA_STEPS,
+        batch_size=8,
+        grad_accum=1,
+        lr=5e-3,
+        weight_decay=0.0,
+        warmup_steps=5,
+        lora_r=16,
+        lora_alpha=32,
+        lora_targets=[f"{FAMILIES[FAMILY].lora_targets[0]}|lm_head"],
+        save_steps=10**6,
+        seed=0,
+    )
+    result = run_training(options)
+    assert result.trainable_parameters < result.total_parameters / 5
+    after, after_new = new_form_scores(base, held_out, tmp_path / "adapter")
+    print(
+        f"{FAMILY} lora: new form preferred {before_new:.3f} -> {after_new:.3f}; colour accuracy in the new form "
+        f"{before:.3f} -> {after:.3f}; final loss {result.final_loss}"
+    )
+    assert before_new <= 0.2  # the base answers "Red.": it must prefer the old form, or the test could not fail
+    assert after_new >= REQUIRED
     assert after >= REQUIRED > 3 * CHANCE
 
 
