@@ -435,3 +435,34 @@ def test_eval_data_is_scored_during_training_for_a_family(vl_models, tmp_path):
         assert 0.0 <= record["accuracy"] <= 1.0
     manifest = json.loads((tmp_path / "run" / "qwenvl_run.json").read_text())
     assert manifest["evaluations"] == result.evaluations == evals
+
+
+def test_a_family_run_cut_after_its_first_save_resumes_to_the_same_adapter(vl_models, tmp_path):
+    """Resume for a newer family: a Qwen2.5-VL LoRA run stopped at its first checkpoint continues with
+    --resume auto and ends with the adapter of a run that was never stopped."""
+    from safetensors.torch import load_file
+
+    from qwenvl_cli.train.options import TrainOptions
+    from qwenvl_cli.train.runner import run_training
+
+    def options(out, **extra):
+        return TrainOptions(
+            model=vl_models / "qwen2.5-vl", data=DEMO_DATA, output=out, method="lora", lora_r=4,
+            lora_dropout=0.0, max_steps=4, grad_accum=1, save_steps=2, seed=0, **extra,
+        )  # fmt: skip
+
+    run_training(options(tmp_path / "straight"))
+
+    def interrupt_after_first_save(kind, payload):
+        if kind == "save":
+            raise KeyboardInterrupt
+
+    with pytest.raises(QwenvlError, match="--resume auto"):
+        run_training(options(tmp_path / "cut"), interrupt_after_first_save)
+    resumed = run_training(options(tmp_path / "cut", resume="auto"))
+    assert resumed.resumed_from.endswith("checkpoint-2") and resumed.global_step == 4
+    a = load_file(str(tmp_path / "straight" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
