@@ -77,6 +77,13 @@ def special_token_box(box: Sequence[int], label: str | None) -> str:
     return f"{ref}<|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>"
 
 
+def data_box(box: Sequence[int], label: str | None) -> str:
+    """The data format's markup: `<ref>label</ref><box>(x1,y1),(x2,y2)</box>` (no `<ref>` without a label)."""
+    x1, y1, x2, y2 = box
+    ref = f"<ref>{label}</ref>" if label is not None else ""
+    return f"{ref}<box>({x1},{y1}),({x2},{y2})</box>"
+
+
 def json_box(box: Sequence[int], label: str | None) -> str:
     """Qwen2.5-VL/Qwen3-VL's markup: `{"bbox_2d": [x1, y1, x2, y2], "label": "…"}`."""
     entry: dict = {"bbox_2d": [int(v) for v in box]}
@@ -220,9 +227,7 @@ def to_data_markup(text: str, style: str | None, resized: tuple[int, int] | None
         return text
 
     def markup(box: AnswerBox) -> str:
-        x1, y1, x2, y2 = (min(999, v) for v in to_relative(box.numbers, style, resized))
-        ref = f"<ref>{box.label}</ref>" if box.label is not None else ""
-        return f"{ref}<box>({x1},{y1}),({x2},{y2})</box>"
+        return data_box([min(999, v) for v in to_relative(box.numbers, style, resized)], box.label)
 
     out, cursor = [], 0
     for box in boxes:

@@ -18,11 +18,13 @@ from ..grounding import (
     _round,
     absolute_to_relative,
     clamp_relative,
+    data_box,
     json_box,
     pixels_to_relative,
     relative_to_absolute,
     smart_resize,
     special_token_box,
+    to_pixels,
 )
 from ..markup import parse_box_text
 
@@ -127,12 +129,6 @@ def _points(raw: str) -> tuple[int, int, int, int]:
     return x1, y1, x2, y2
 
 
-def _internal(box, label: str | None) -> str:
-    x1, y1, x2, y2 = box
-    ref = f"<ref>{label}</ref>" if label is not None else ""
-    return f"{ref}<box>({x1},{y1}),({x2},{y2})</box>"
-
-
 def _need(picture: str | None, raw: str, convention: str) -> str:
     if picture is None:
         raise BoxError(f"box {raw.strip()} comes before any picture, and `{convention}` boxes are pixels of a picture")
@@ -182,7 +178,7 @@ def to_internal(
         elif convention in ("qwen2-vl", "qwen3-vl"):
             _sanity(box, convention, None, raw, notes)
             box = clamp_relative(box)
-        return _internal(box, label)
+        return data_box(box, label)
 
     return pattern.sub(replace, text), latest
 
@@ -207,15 +203,7 @@ def from_internal(text: str, convention: str, pictures: Pictures | None, picture
         path = _need(latest, match.group(0), convention)
         if convention == "qwen2.5-vl":
             return json_box(relative_to_absolute(box, *pictures.resized(path)), label)
-        width, height = pictures.original(path)
-        x1, y1, x2, y2 = box
-        pixels = (
-            _round(x1 * width / 1000),
-            _round(y1 * height / 1000),
-            _round(x2 * width / 1000),
-            _round(y2 * height / 1000),
-        )
-        return _internal(pixels, label)
+        return data_box(to_pixels(box, None, *pictures.original(path)), label)
 
     return _INTERNAL.sub(replace, text), latest
 

@@ -106,8 +106,9 @@ class ModelFamily(ABC):
         )
 
     def record_pixels(self, folder: Path, pixels: tuple[int, int]) -> None:
-        """Write a run's picture bounds into the processor files of a trained folder (families that take them)."""
-        raise NotImplementedError
+        """Write a run's picture bounds into the processor files of a trained folder. A family whose
+        `picture_pixels` refuses bounds never has any to write: nothing to do here."""
+        return None
 
     @abstractmethod
     def picture_tokens(self) -> int:

@@ -454,10 +454,11 @@ def packed_position_ids(model, inputs: dict):
     for row in range(ids.shape[0]):
         start = 0
         width = ids.shape[1]
+        row_numbers = numbers[row].tolist()  # one copy per row: the scan below reads plain ints
         while start < width:
-            number = int(numbers[row, start])
+            number = row_numbers[start]
             end = start + 1
-            while end < width and int(numbers[row, end]) == number:
+            while end < width and row_numbers[end] == number:
                 end += 1
             span = slice(start, end)
             positions[0, row, span] = torch.arange(end - start, device=ids.device)
