@@ -835,6 +835,14 @@ def profile_command(
             "official 151,936 embedding rows (same memory and speed; samples are built to exact lengths)."
         ),
     ] = None,
+    trace: Annotated[
+        Path | None,
+        typer.Option(
+            help="A folder: run one optimizer step more per cell under torch.profiler (not counted in s/it) and "
+            "write it there as METHOD-LENGTH.json.gz (Perfetto or chrome://tracing open it); under the table: "
+            "its operator calls, host syncs and busiest operators (GPU: kernel time and how busy the GPU was)."
+        ),
+    ] = None,
     output: Annotated[Path, typer.Option(help="The JSON result.")] = Path("profile.json"),
     markdown: Annotated[Path | None, typer.Option(help="Also write the table as Markdown.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Also draw memory and s/it against length (PNG).")] = None,
@@ -859,6 +867,7 @@ def profile_command(
       qwenvl profile --preset tiny-qwen2.5-vl --methods lora-chat,full --lengths 384,512
       qwenvl profile --preset qwen2.5-vl-7b --methods lora-chat --lengths 2048   # on a GPU, no download
       qwenvl profile --baseline upstream --markdown profile.md --plot profile.png
+      qwenvl profile --methods lora-chat --lengths 2048 --trace traces   # where one step's time goes
     """
     from .profile import ProfileOptions, parse_lengths, parse_methods, parse_size_gib, run_profile
     from .render.profile import profile_markdown, profile_png, profile_progress, render_profile
@@ -880,6 +889,7 @@ def profile_command(
         gradient_checkpointing=gradient_checkpointing,
         compile=compile,
         vocab=vocab,
+        trace=trace,
     )
     output.parent.mkdir(parents=True, exist_ok=True)
 

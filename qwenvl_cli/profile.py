@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field, field_validator
 from . import __version__
 from .errors import QwenvlError
 from .families import FAMILIES, family_for, profile_family
+from .step_trace import StepTrace
 
 METHODS = ("lora-chat", "lora-base", "qlora", "full")
 DEFAULT_LENGTHS = (384, 512, 1024, 2048)
@@ -52,6 +53,7 @@ class ProfileOptions(BaseModel):
     gradient_checkpointing: bool = True  # as the upstream scripts train
     compile: bool = False  # train --compile in every cell
     vocab: Path | None = None  # a device preset's vocabulary file (default: the tiny vocabulary in official rows)
+    trace: Path | None = None  # a folder: one more step per cell under torch.profiler, written there (step_trace)
 
     @field_validator("preset")
     @classmethod
@@ -86,6 +88,7 @@ class ProfileCell(BaseModel):
     precision: str | None = None
     final_loss: float | None = None
     wall_seconds: float = 0.0  # the whole subprocess: start, model load, data, training
+    trace: StepTrace | None = None  # with --trace: one more optimizer step under torch.profiler
 
 
 class ProfilePicture(BaseModel):
@@ -325,6 +328,7 @@ def _cell(method: str, length: int, recipe: str, folder: Path | str, options: Pr
         "gradient_checkpointing": options.gradient_checkpointing,
         "compile": options.compile,
         "random_weights": options.on_device,
+        "trace": str(trace_file(options.trace, method, length, recipe)) if options.trace else None,
     }
     started = time.perf_counter()
     code, out, err = run_worker(spec)
@@ -369,7 +373,13 @@ def _cell(method: str, length: int, recipe: str, folder: Path | str, options: Pr
         precision=record["precision"],
         final_loss=record["losses"][-1] if record["losses"] else None,
         wall_seconds=wall,
+        trace=StepTrace.model_validate(record["trace"]) if record.get("trace") else None,
     )
+
+
+def trace_file(folder: Path, method: str, length: int, recipe: str) -> Path:
+    """Where `--trace` writes a cell's trace: FOLDER/METHOD-LENGTH[-upstream].json.gz."""
+    return Path(folder) / f"{method}-{length}{'-upstream' if recipe == 'upstream' else ''}.json.gz"
 
 
 def run_profile(

@@ -4,8 +4,10 @@
 
 Builds the cell's samples (exact length, one picture each) in a scratch folder, trains through `run_training`
 (the code `qwenvl train` runs) for warmup + steps optimizer steps, and prints one JSON line last: the
-timestamps of the optimizer steps, peak memory, and the run's counts. A failure prints a JSON line with
-`status` "oom" or "failed" and a one-line reason, and exits 1.
+timestamps of the optimizer steps, peak memory, and the run's counts. With `trace` (a file name ending in
+.json.gz) one optimizer step more runs after the measured ones under `torch.profiler` (`step_trace`); its
+summary is the record's `trace`, and its seconds are not among the timestamps. A failure prints a JSON line
+with `status` "oom" or "failed" and a one-line reason, and exits 1.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 def run_cell(spec: dict) -> dict:
     import torch
 
+    from qwenvl_cli.step_trace import StepTracer
     from qwenvl_cli.train.lengths_data import make_data
     from qwenvl_cli.train.runner import TrainOptions, run_training
 
@@ -30,9 +33,12 @@ def run_cell(spec: dict) -> dict:
     length = int(spec["length"])
     steps, warmup = int(spec["steps"]), int(spec["warmup"])
     per_step = int(spec["batch_size"]) * int(spec["grad_accum"])
+    tracer = StepTracer(Path(spec["trace"])) if spec.get("trace") else None
+    measured = steps + warmup
+    steps_run = measured + (1 if tracer else 0)
     with tempfile.TemporaryDirectory(prefix="qwenvl-profile-") as scratch:
         work = Path(scratch)
-        made = make_data(work / "data", Path(spec["model"]), [length] * per_step * (steps + warmup), seed=0)
+        made = make_data(work / "data", Path(spec["model"]), [length] * per_step * steps_run, seed=0)
         if min(made) > length:
             return {
                 "status": "failed",
@@ -51,7 +57,7 @@ def run_cell(spec: dict) -> dict:
             batch_size=spec["batch_size"],
             grad_accum=spec["grad_accum"],
             epochs=1.0,
-            max_steps=steps + warmup,
+            max_steps=steps_run,
             lr=1e-5,
             lr_scheduler="constant",
             save_steps=10**9,
@@ -64,6 +70,7 @@ def run_cell(spec: dict) -> dict:
         )
         stamps: list[float] = []
         losses: list[float] = []
+        traced: list[float] = []  # the traced step's start and end
 
         gpu = torch.cuda.is_available()
 
@@ -74,9 +81,15 @@ def run_cell(spec: dict) -> dict:
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
                 stamps[:] = [time.perf_counter()]
+            elif kind == "log" and traced:  # the traced step has ended
+                tracer.stop()
+                traced.append(time.perf_counter())
             elif kind == "log":
                 stamps.append(time.perf_counter())
                 losses.append(float(payload["loss"]))
+                if tracer is not None and len(stamps) == measured + 1:
+                    tracer.start()
+                    traced.append(time.perf_counter())
 
         result = run_training(options, on_event=on_event)
         record = {
@@ -92,6 +105,10 @@ def run_cell(spec: dict) -> dict:
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB on Linux
             "device_name": torch.cuda.get_device_name(0) if gpu else "cpu",
         }
+        if tracer is not None:
+            if len(traced) != 2:
+                return {"status": "failed", "reason": "the traced optimizer step did not run to its end"}
+            record["trace"] = tracer.finish(traced[1] - traced[0]).model_dump()
         if gpu:
             record["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
             record["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30

@@ -21,7 +21,7 @@ LAYERS = [
     ("render", lambda m: m.startswith("render")),
     ("cli", lambda m: m in ("cli", "__main__")),
 ]
-SERVICES = {"inference", "evaluate", "chat", "merge", "profile", "profile_worker", "ui"}
+SERVICES = {"inference", "evaluate", "chat", "merge", "profile", "profile_worker", "step_trace", "ui"}
 # The one allowed exception: the package root installs the (lazy) registration of the native classes with
 # transformers' Auto classes, so that `import qwenvl_cli` is all a library user needs (docs/model.md).
 ALLOWED = {("__init__", "model.auto")}

@@ -26,10 +26,13 @@ def invoke(*args: str):
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
-    """One real grid on CPU: lora-chat at 320 and 384 tokens, each against --recipe upstream (4 processes)."""
+    """One real grid on CPU: lora-chat at 320 and 384 tokens, each against --recipe upstream (4 processes), each
+    with one step more traced by torch.profiler (--trace)."""
     folder = tmp_path_factory.mktemp("profile")
     result = invoke(
         *FAST,
+        "--trace",
+        str(folder / "traces"),
         "--methods",
         "lora-chat",
         "--lengths",
@@ -61,7 +64,7 @@ def test_grid_runs_on_cpu_and_writes_json(grid):
     for cell in profile.cells + profile.baseline_cells:
         assert cell.status == "ok", cell.reason
         assert cell.seconds_per_step > 0 and cell.tokens_per_second > 0 and cell.memory_gib > 0
-        assert len(cell.step_seconds) == 2  # the steps after the warmup
+        assert len(cell.step_seconds) == 2  # the steps after the warmup (the traced step is not among them)
         assert cell.tokens_per_second == pytest.approx(cell.length / cell.seconds_per_step, rel=0.01)
         assert cell.mfu is None  # no GPU, no peak FLOP/s
         assert cell.precision == "fp32"
@@ -76,6 +79,72 @@ def test_baseline_upstream_gives_ratios(grid):
     for ratio in profile["ratios"]:
         assert ratio["seconds_per_step_vs_upstream"] > 0 and ratio["memory_vs_upstream"] > 0
     assert "against --recipe upstream" in result.stdout
+
+
+def test_trace_records_one_more_step_per_cell(grid):
+    """--trace: each cell's extra step is written as a gzipped Chrome trace and summarised; v1's picture
+    insertion finds its <img> positions with nonzero, a host sync on a GPU, and the summary finds it."""
+    import gzip
+
+    folder, result = grid
+    profile = ProfileResult.model_validate_json((folder / "profile.json").read_text("utf-8"))
+    names = []
+    for cell in profile.cells + profile.baseline_cells:
+        trace = cell.trace
+        assert trace is not None, cell
+        path = Path(trace.file)
+        names.append(path.name)
+        with gzip.open(path, "rt", encoding="utf-8") as handle:
+            events = json.load(handle)["traceEvents"]
+        assert any(event.get("name") == "aten::mm" for event in events)
+        assert trace.seconds > 0 and trace.operator_calls > 1000 and trace.host_ms > 0
+        assert trace.host_syncs.get("aten::nonzero", 0) >= 1  # one micro-batch per step (--grad-accum 1)
+        assert trace.top_host and trace.top_host[0].self_ms >= trace.top_host[-1].self_ms
+        assert trace.kernel_launches is None and trace.device_busy is None  # no GPU here
+    assert sorted(names) == sorted(
+        ["lora-chat-320.json.gz", "lora-chat-384.json.gz", "lora-chat-320-upstream.json.gz",
+         "lora-chat-384-upstream.json.gz"]
+    )  # fmt: skip
+    assert "trace lora-chat 320:" in result.stdout and "nonzero" in result.stdout
+    assert "- trace lora-chat 384 (upstream):" in (folder / "profile.md").read_text("utf-8")
+
+
+def test_trace_summary_of_a_gpu_step():
+    """What a GPU step's key averages give: kernel time against the step's seconds, launches, the time the host
+    spent waiting in the CUDA runtime, and the busiest kernels first."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from qwenvl_cli.step_trace import summarize
+
+    def event(key, device, count, cpu_us=0.0, device_us=0.0, total_cpu_us=None):
+        return SimpleNamespace(
+            key=key, device_type=device, count=count, self_cpu_time_total=cpu_us, self_device_time_total=device_us,
+            cpu_time_total=cpu_us if total_cpu_us is None else total_cpu_us, is_user_annotation=False,
+        )  # fmt: skip
+
+    cpu, cuda = DeviceType.CPU, DeviceType.CUDA
+    averages = [
+        event("aten::mm", cpu, 400, cpu_us=20_000, device_us=600_000),
+        event("aten::_local_scalar_dense", cpu, 5, cpu_us=100),
+        event("aten::nonzero", cpu, 8, cpu_us=300),
+        event("cudaLaunchKernel", cpu, 1500, cpu_us=9_000),
+        event("cudaStreamSynchronize", cpu, 13, cpu_us=250_000),
+        event("ProfilerStep*", cpu, 1, cpu_us=1_000),
+        event("sm90_xmma_gemm_bf16", cuda, 400, device_us=600_000),
+        event("vectorized_elementwise_kernel", cuda, 1100, device_us=200_000),
+    ]
+    trace = summarize(averages, seconds=2.0, file=Path("t.json.gz"))
+    assert trace.operator_calls == 413
+    assert trace.host_syncs == {"aten::nonzero": 8, "aten::_local_scalar_dense": 5}
+    assert trace.kernel_launches == 1500
+    assert trace.host_wait_ms == pytest.approx(250.0)
+    assert trace.device_ms == pytest.approx(800.0) and trace.device_busy == pytest.approx(0.4)
+    assert [op.name for op in trace.top_kernels] == ["sm90_xmma_gemm_bf16", "vectorized_elementwise_kernel"]
+    assert trace.top_host[0].name == "cudaStreamSynchronize"
+    line = trace.line()
+    assert "GPU busy 40%" in line and "8 × nonzero" in line and "sm90_xmma_gemm_bf16 600 ms" in line
 
 
 def test_gpu_memory_marks_fits(grid):

@@ -65,6 +65,16 @@ def _reasons(result: ProfileResult) -> list[str]:
     return lines
 
 
+def _traces(result: ProfileResult) -> list[str]:
+    """One line per traced cell (`--trace`)."""
+    lines = []
+    for cell in result.cells + result.baseline_cells:
+        if cell.trace is not None:
+            recipe = " (upstream)" if cell.recipe == "upstream" else ""
+            lines.append(f"trace {cell.method} {cell.length}{recipe}: {cell.trace.line()} → {cell.trace.file}")
+    return lines
+
+
 def _caption(result: ProfileResult) -> str:
     return (
         f"{result.model} on {result.device}; batch size {result.batch_size}, gradient accumulation "
@@ -108,6 +118,8 @@ def render_profile(result: ProfileResult, console: Console) -> None:
         console.print(ratios)
     if result.gpu_memory_gib is not None:
         console.print(f"✓ fits / ✗ does not fit in {result.gpu_memory_gib:g} GiB ({result.memory_kind})")
+    for line in _traces(result):
+        console.print(escape(line))
     for note in result.notes:
         console.print(f"note: {escape(note)}")
     for line in _reasons(result):
@@ -137,7 +149,7 @@ def profile_markdown(result: ProfileResult) -> str:
             lines.append(f"| {ratio.method} | {ratio.length} | {speed} | {memory} |")
     if result.gpu_memory_gib is not None:
         lines += ["", f"✓ fits / ✗ does not fit in {result.gpu_memory_gib:g} GiB."]
-    extra = result.notes + _reasons(result)
+    extra = _traces(result) + result.notes + _reasons(result)
     if extra:
         lines += [""] + [f"- {line}" for line in extra]
     return "\n".join(lines) + "\n"
