@@ -7,6 +7,8 @@
 #
 #   sanity              15 s: LoRA on the tiny demo with evaluation by generation (the GPU works with this code)
 #   targets             the three methods at 2,048 tokens (every target of issue 6 is a 2,048 cell)
+#   trace               LoRA Chat at 2,048 with --trace: one more step (2 micro-batches, to keep the file small)
+#                       under torch.profiler: how busy the GPU was, where the host waited, the busiest kernels
 #   compiled-lora-chat  LoRA Chat at 2,048 with --compile (the speed target)
 #   baseline            LoRA Chat at 2,048, qwenvl and --recipe upstream in one grid (same-session ratio)
 #   rest                the three methods at the shorter lengths (the rest of the table and the chart)
@@ -41,7 +43,7 @@ SHORTER=${LENGTHS%,*}
 STEPS=${STEPS:-2}
 LOG=$OUT/profile.log
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} ))
-GRIDS=${GRIDS:-sanity,targets,compiled-lora-chat,baseline,rest,compiled-qlora,compiled-lora-base,loss,family-lora,family-qlora}
+GRIDS=${GRIDS:-sanity,targets,trace,compiled-lora-chat,baseline,rest,compiled-qlora,compiled-lora-base,loss,family-lora,family-qlora}
 FAMILY_PRESETS=${FAMILY_PRESETS:-qwen2.5-vl-7b qwen3-vl-8b}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 vocab_flag=()
@@ -84,6 +86,7 @@ if start sanity 90; then
   rm -rf "$OUT/sanity-run"
 fi
 grid targets 200 -- --methods lora-chat,lora-base,qlora --lengths "$LONGEST"
+grid trace 120 -- --methods lora-chat --lengths "$LONGEST" --grad-accum 2 --steps 1 --trace "$OUT/traces"
 grid compiled-lora-chat 180 -- --methods lora-chat --lengths "$LONGEST" --compile
 grid baseline 150 -- --methods lora-chat --lengths "$LONGEST" --baseline upstream
 [ "$SHORTER" != "$LENGTHS" ] && grid rest 360 -- --methods lora-chat,lora-base,qlora --lengths "$SHORTER"

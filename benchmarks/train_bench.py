@@ -7,6 +7,13 @@ sample padded to --max-length), on the same model and data, in one run.
     python benchmarks/train_bench.py --method full --n 64 --rounds 1 --output /tmp/train.json
     python benchmarks/train_bench.py --preset tiny-qwen2.5-vl --min-tokens 64 --max-length 512 \
         --output benchmarks/results/train-qwen2.5-vl.json   # a newer family: against padding to max length
+    python benchmarks/train_bench.py --preset qwen-vl-7b --n 32 --rounds 1 --threads 8 \
+        --output gpu/train-7b.json      # on a GPU: the official sizes, random weights built in each run
+
+On a GPU (`--preset qwen-vl-7b | qwen2-vl-7b | qwen2.5-vl-7b | qwen3-vl-8b`, refused without one) each run
+builds random weights of the official size on the GPU (nothing is read or written), trains in bf16 with
+gradient checkpointing as the seed's table does, and reports the CUDA allocator's peak reserved memory beside
+the RSS. `--configs` picks some of the configurations (the first named is the baseline of the ratios).
 
 Data: `--n` conversations, one picture each (a 224-px PNG of its own), whose lengths in tokens — the chat
 template, the picture's 258 positions and the text together — are drawn from `--min-tokens`..`--max-length`
@@ -92,6 +99,7 @@ def worker(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     options = TrainOptions(**spec["options"])
+    gpu = torch.cuda.is_available()
     if spec.get("pad_to_max"):  # the `padded` baseline: every batch padded to --max-length
         from qwenvl_cli.families import family_for
 
@@ -100,7 +108,9 @@ def worker(spec: dict) -> dict:
         family.collator = lambda tokenizer, pad_to=None: collator(tokenizer, pad_to=options.max_length)
     result = run_training(options)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    memory = {"peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3)} if gpu else {}
     return {
+        **memory,
         "samples_seen": result.samples_seen,
         "steps": result.global_step,
         "train_seconds": result.train_seconds,
@@ -129,6 +139,8 @@ def run_config(name: str, args, work: Path, round_index: int) -> dict:
         "seed": 0,
         **configs_of(args)[name],
     }
+    if args.on_device:  # the seed's table trains with gradient checkpointing; the weights are built in the run
+        options.update(random_weights=True, gradient_checkpointing=True)
     spec = {"threads": args.threads, "options": options, "pad_to_max": name == "padded"}
     command = [sys.executable, __file__, "--worker", json.dumps(spec)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -138,7 +150,14 @@ def run_config(name: str, args, work: Path, round_index: int) -> dict:
 
 
 def configs_of(args) -> dict[str, dict]:
-    return CONFIGS if args.preset in ("tiny", "tiny-base") else FAMILY_CONFIGS
+    known = CONFIGS if args.preset in ("tiny", "tiny-base", "qwen-vl-7b") else FAMILY_CONFIGS
+    if not args.configs:
+        return known
+    names = [name.strip() for name in args.configs.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise SystemExit(f"--configs {args.configs!r}: choose from {', '.join(known)} for --preset {args.preset}")
+    return {name: known[name] for name in names}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,18 +179,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each run")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each configuration, in rotating order")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--configs", help="comma-separated configurations (default: all; the first is the baseline)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
 
+    import torch
+
     from qwenvl_cli.families import family_of_preset
 
+    family = family_of_preset(args.preset)
+    args.on_device = args.preset in family.device_presets
+    if args.on_device and not torch.cuda.is_available():
+        raise SystemExit(f"--preset {args.preset} needs a GPU: its random weights are built there in each run")
+    configs_of(args)  # a bad --configs stops here, before any data is built
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qwenvl-train-bench-") as scratch:
         work = Path(scratch)
-        family_of_preset(args.preset).init_model(args.preset, work / "model", seed=0)
+        vocab = family.tiny_vocabulary(work / family.tokenizer_files[0]) if args.on_device else None
+        family.init_model(args.preset, work / "model", seed=0, **({"vocab": vocab} if vocab else {}))
         wanted = draw_lengths(args.n, args.min_tokens, args.max_length, args.lengths, args.seed)
         lengths = make_data(work / "data", work / "model", wanted, args.seed)
         print(
@@ -191,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"  round {round_index + 1} {name:9s} {record['samples_per_second']:7.2f} samples/s "
                     f"{record['tokens_per_second']:9,.0f} tokens/s  padding {record['padding_share']:.0%}  "
-                    f"peak {record['peak_rss_mib']:,.0f} MiB",
+                    f"peak {record['peak_rss_mib']:,.0f} MiB"
+                    + (f", GPU {record['peak_reserved_gib']:.1f} GiB" if "peak_reserved_gib" in record else ""),
                     flush=True,
                 )
         load_after = load_average()
@@ -201,10 +230,8 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = {}
     for name in names:
-        summary[name] = {
-            key: median(name, key)
-            for key in ("samples_per_second", "tokens_per_second", "padding_share", "peak_rss_mib", "train_seconds")
-        }
+        keys = ["samples_per_second", "tokens_per_second", "padding_share", "peak_rss_mib", "train_seconds"]
+        summary[name] = {key: median(name, key) for key in keys + ["peak_reserved_gib"] * args.on_device}
         summary[name][f"samples_per_second_vs_{baseline}"] = round(
             summary[name]["samples_per_second"] / summary[baseline]["samples_per_second"], 2
         )
@@ -228,7 +255,12 @@ def main(argv: list[str] | None = None) -> int:
             "pictures_per_sample": 1,
         },
         "settings": {
-            "model": f"{args.preset} (random weights, fp32, CPU)",
+            "model": f"{args.preset} (random weights, "
+            + (
+                f"built on the GPU, bf16, gradient checkpointing, {torch.cuda.get_device_name(0)})"
+                if args.on_device
+                else "fp32, CPU)"
+            ),
             "baseline": baseline,
             "method": args.method,
             "max_length": args.max_length,
