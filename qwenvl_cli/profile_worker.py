@@ -6,7 +6,8 @@ Builds the cell's samples (exact length, one picture each) in a scratch folder, 
 (the code `qwenvl train` runs) for warmup + steps optimizer steps, and prints one JSON line last: the
 timestamps of the optimizer steps, peak memory, and the run's counts. With `trace` (a file name ending in
 .json.gz) one optimizer step more runs after the measured ones under `torch.profiler` (`step_trace`); its
-summary is the record's `trace`, and its seconds are not among the timestamps. A failure prints a JSON line
+summary is the record's `trace`, and its seconds are not among the timestamps; the first warmup step then runs
+under `SyncCensus` (not with --compile), whose sites go into the trace's `sync_sites`. A failure prints a JSON line
 with `status` "oom" or "failed" and a one-line reason, and exits 1.
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 def run_cell(spec: dict) -> dict:
     import torch
 
-    from qwenvl_cli.step_trace import StepTracer
+    from qwenvl_cli.step_trace import StepTracer, SyncCensus
     from qwenvl_cli.train.lengths_data import make_data
     from qwenvl_cli.train.runner import TrainOptions, run_training
 
@@ -34,6 +35,9 @@ def run_cell(spec: dict) -> dict:
     steps, warmup = int(spec["steps"]), int(spec["warmup"])
     per_step = int(spec["batch_size"]) * int(spec["grad_accum"])
     tracer = StepTracer(Path(spec["trace"])) if spec.get("trace") else None
+    # where the host syncs come from: counted in the first warmup step, whose time is never used
+    census_wanted = tracer is not None and warmup >= 1 and not spec.get("compile")
+    census = SyncCensus(cuda_only=torch.cuda.is_available()) if census_wanted else None
     measured = steps + warmup
     steps_run = measured + (1 if tracer else 0)
     with tempfile.TemporaryDirectory(prefix="qwenvl-profile-") as scratch:
@@ -81,10 +85,14 @@ def run_cell(spec: dict) -> dict:
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
                 stamps[:] = [time.perf_counter()]
+                if census is not None:
+                    census.start()
             elif kind == "log" and traced:  # the traced step has ended
                 tracer.stop()
                 traced.append(time.perf_counter())
             elif kind == "log":
+                if census is not None and len(stamps) == 1:
+                    census.stop()
                 stamps.append(time.perf_counter())
                 losses.append(float(payload["loss"]))
                 if tracer is not None and len(stamps) == measured + 1:
@@ -108,7 +116,10 @@ def run_cell(spec: dict) -> dict:
         if tracer is not None:
             if len(traced) != 2:
                 return {"status": "failed", "reason": "the traced optimizer step did not run to its end"}
-            record["trace"] = tracer.finish(traced[1] - traced[0]).model_dump()
+            trace = tracer.finish(traced[1] - traced[0])
+            if census is not None:
+                trace.sync_sites = census.sites()
+            record["trace"] = trace.model_dump()
         if gpu:
             record["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
             record["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30

@@ -11,10 +11,16 @@ touched by the profiler's overhead), records it with `torch.profiler` and writes
 - On a GPU: `kernel_launches`, `host_wait_ms` (CPU time spent in the CUDA runtime's synchronising calls),
   `device_ms` (kernel time) and `device_busy` (kernel time ÷ the step's seconds: well under 1 is a step the
   GPU waits on the host for), and the kernels that take the most time.
+- `sync_sites`: where those host syncs come from, by the Python lines (in qwenvl, transformers, peft,
+  accelerate) that called them, counted during the cell's first warmup step by a hook on aten's dispatcher
+  (`SyncCensus`; its overhead never reaches a measured or traced step). It sees the forward pass; the
+  backward pass runs on autograd's own threads. On a GPU only calls on CUDA tensors are counted.
 """
 
 from __future__ import annotations
 
+import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +49,12 @@ class TraceOp(BaseModel):
     self_ms: float  # self CPU time of a host operator, device time of a kernel
 
 
+class SyncSite(BaseModel):
+    operator: str  # an aten name from SYNC_OPERATORS
+    calls: int  # in the census step (every micro-batch of one optimizer step)
+    where: str  # the calling lines, innermost first
+
+
 class StepTrace(BaseModel):
     file: str  # the gzipped Chrome trace
     seconds: float  # the traced step, profiler overhead included
@@ -55,6 +67,7 @@ class StepTrace(BaseModel):
     device_ms: float | None = None
     device_busy: float | None = None
     top_kernels: list[TraceOp] = Field(default_factory=list)
+    sync_sites: list[SyncSite] = Field(default_factory=list)
 
     def syncs_text(self) -> str:
         if not self.host_syncs:
@@ -137,3 +150,62 @@ class StepTracer:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.profiler.export_chrome_trace(str(self.path))  # a path ending in .gz is written gzipped
         return summarize(list(self.profiler.key_averages()), seconds, self.path)
+
+
+# Where a calling line is worth naming: the libraries a training step runs through (torch's own internals are not).
+SITE_PACKAGES = ("qwenvl_cli", "transformers", "peft", "accelerate")
+SITE_FRAMES = 3
+
+
+def _site(frame) -> str:
+    """The first SITE_FRAMES frames from SITE_PACKAGES, walking out from `frame`, as 'pkg/file.py:line function'."""
+    found = []
+    while frame is not None and len(found) < SITE_FRAMES:
+        path = frame.f_code.co_filename.replace("\\", "/")
+        for package in SITE_PACKAGES:
+            marker = f"/{package}/"
+            if marker in path:
+                short = package + "/" + path.rsplit(marker, 1)[1]
+                found.append(f"{short}:{frame.f_lineno} {frame.f_code.co_name}")
+                break
+        frame = frame.f_back
+    return " ← ".join(found) if found else "(outside qwenvl, transformers, peft and accelerate)"
+
+
+class SyncCensus:
+    """Counts SYNC_OPERATORS calls by their calling lines while started (a TorchDispatchMode on this thread)."""
+
+    def __init__(self, cuda_only: bool):
+        self.cuda_only = cuda_only
+        self.counts: Counter[tuple[str, str]] = Counter()
+        self.mode = None
+
+    def start(self) -> None:
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        census = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func._schema.name
+                if name in SYNC_OPERATORS and (
+                    not census.cuda_only
+                    or any(isinstance(leaf, torch.Tensor) and leaf.is_cuda for leaf in tree_leaves((args, kwargs)))
+                ):
+                    census.counts[name, _site(sys._getframe(1))] += 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.mode.__enter__()
+
+    def stop(self) -> None:
+        if self.mode is not None:
+            self.mode.__exit__(None, None, None)
+            self.mode = None
+
+    def sites(self, top: int = TOP) -> list[SyncSite]:
+        return [
+            SyncSite(operator=name, calls=calls, where=where) for (name, where), calls in self.counts.most_common(top)
+        ]

@@ -101,12 +101,44 @@ def test_trace_records_one_more_step_per_cell(grid):
         assert trace.host_syncs.get("aten::nonzero", 0) >= 1  # one micro-batch per step (--grad-accum 1)
         assert trace.top_host and trace.top_host[0].self_ms >= trace.top_host[-1].self_ms
         assert trace.kernel_launches is None and trace.device_busy is None  # no GPU here
+        # the census of the warmup step names the calling lines: the <img> search in the picture insertion
+        sites = {(site.operator, site.where.split(" ← ")[0]) for site in trace.sync_sites}
+        assert any(op == "aten::nonzero" and where.endswith(" _insert_images") for op, where in sites), sites
+        assert all(where.startswith(("qwenvl_cli/", "transformers/", "peft/", "accelerate/")) for _, where in sites)
+        # transformers' NaN/inf log filter, which read every micro-batch's loss on the host, is off
+        assert not any(where.endswith(" _run_epoch") for _, where in sites), sites
     assert sorted(names) == sorted(
         ["lora-chat-320.json.gz", "lora-chat-384.json.gz", "lora-chat-320-upstream.json.gz",
          "lora-chat-384-upstream.json.gz"]
     )  # fmt: skip
     assert "trace lora-chat 320:" in result.stdout and "nonzero" in result.stdout
+    shown = " ".join(result.stdout.split())  # the terminal wraps long lines
+    assert "host sync lora-chat 320:" in shown and "← qwenvl_cli/model/modeling.py:" in shown
     assert "- trace lora-chat 384 (upstream):" in (folder / "profile.md").read_text("utf-8")
+
+
+def test_sync_census_counts_by_calling_line_and_device():
+    import torch
+
+    from qwenvl_cli.step_trace import SyncCensus
+
+    def step(values):
+        values = values.clone()
+        return values.nonzero(), values.sum().item(), values.nonzero()
+
+    everywhere, cuda_only = SyncCensus(cuda_only=False), SyncCensus(cuda_only=True)
+    for census in (everywhere, cuda_only):
+        census.start()
+        try:
+            step(torch.tensor([0.0, 1.0, 2.0]))
+            step(torch.tensor([3.0, 0.0]))
+        finally:
+            census.stop()
+    calls = {site.operator: site.calls for site in everywhere.sites()}
+    assert calls == {"aten::nonzero": 4, "aten::_local_scalar_dense": 2}
+    assert cuda_only.sites() == []  # CPU tensors make no host wait
+    torch.tensor([1.0]).nonzero()  # stopped: not counted
+    assert sum(site.calls for site in everywhere.sites()) == 6
 
 
 def test_trace_summary_of_a_gpu_step():

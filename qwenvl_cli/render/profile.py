@@ -65,6 +65,9 @@ def _reasons(result: ProfileResult) -> list[str]:
     return lines
 
 
+SYNC_SITES_SHOWN = 5  # under the table; the JSON has them all
+
+
 def _traces(result: ProfileResult) -> list[str]:
     """One line per traced cell (`--trace`)."""
     lines = []
@@ -72,6 +75,9 @@ def _traces(result: ProfileResult) -> list[str]:
         if cell.trace is not None:
             recipe = " (upstream)" if cell.recipe == "upstream" else ""
             lines.append(f"trace {cell.method} {cell.length}{recipe}: {cell.trace.line()} → {cell.trace.file}")
+            for site in cell.trace.sync_sites[:SYNC_SITES_SHOWN]:
+                op = site.operator.removeprefix("aten::")
+                lines.append(f"  host sync {cell.method} {cell.length}{recipe}: {site.calls} × {op} ← {site.where}")
     return lines
 
 

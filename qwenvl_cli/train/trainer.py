@@ -128,6 +128,9 @@ def build_trainer(model, setup: RunSetup, samples, image_root: Path, emit, evalu
         warmup_steps=options.warmup_steps,
         lr_scheduler_type=options.lr_scheduler,
         logging_steps=1,
+        # A NaN or inf loss is logged as it is. transformers' filter would hide it from the log, and it reads the
+        # loss of every micro-batch on the host, making the host wait for the GPU after each one.
+        logging_nan_inf_filter=False,
         save_strategy="steps",
         save_steps=options.save_steps,
         save_total_limit=options.save_total_limit,
