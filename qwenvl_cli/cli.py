@@ -839,7 +839,7 @@ def profile_command(
         Path | None,
         typer.Option(
             help="A folder: run one optimizer step more per cell under torch.profiler (not counted in s/it) and "
-            "write it there as METHOD-LENGTH.json.gz (Perfetto or chrome://tracing open it); under the table: "
+            "write it there as METHOD-LENGTH.json.gz (ui.perfetto.dev opens it); under the table: "
             "its operator calls, host syncs and busiest operators (GPU: kernel time and how busy the GPU was)."
         ),
     ] = None,

@@ -2,7 +2,7 @@
 
 `qwenvl profile --trace DIR` runs one optimizer step more per cell, after the measured ones (so s/it is not
 touched by the profiler's overhead), records it with `torch.profiler` and writes it as a gzipped Chrome trace
-(Perfetto at ui.perfetto.dev, or chrome://tracing, opens it as it is). The cell's `trace` summarises it:
+(ui.perfetto.dev opens it as it is; chrome://tracing after gunzip). The cell's `trace` summarises it:
 
 - `operator_calls`: aten operator calls in the step, nested calls included. Each costs host time in Python
   and the dispatcher; a step whose seconds do not grow with its tokens is bound by these.
