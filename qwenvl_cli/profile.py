@@ -377,6 +377,20 @@ def _cell(method: str, length: int, recipe: str, folder: Path | str, options: Pr
     )
 
 
+def trace_folder(folder: Path) -> Path:
+    """Create `--trace`'s folder before any cell runs, or refuse it with the reason."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise QwenvlError(f"--trace {folder} is a file, not a folder", "Name a folder for the traces; it is created")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise QwenvlError(
+            f"--trace {folder}: the folder cannot be created ({error.strerror})", "Name a folder you can write to"
+        ) from None
+    return folder
+
+
 def trace_file(folder: Path, method: str, length: int, recipe: str) -> Path:
     """Where `--trace` writes a cell's trace: FOLDER/METHOD-LENGTH[-upstream].json.gz."""
     return Path(folder) / f"{method}-{length}{'-upstream' if recipe == 'upstream' else ''}.json.gz"
@@ -392,6 +406,8 @@ def run_profile(
     what it measured)."""
     emit = on_cell or (lambda kind, payload: None)
     started = time.perf_counter()
+    if options.trace is not None:
+        trace_folder(options.trace)
     gpu = _gpu()
     recipes = ["qwenvl"] + (["upstream"] if options.baseline == "upstream" else [])
     with tempfile.TemporaryDirectory(prefix="qwenvl-profile-models-") as scratch:

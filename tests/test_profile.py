@@ -283,6 +283,15 @@ def test_refusals_exit_2(args, words, tmp_path):
     assert not (tmp_path / "p.json").exists()
 
 
+def test_trace_into_a_file_is_refused(tmp_path):
+    taken = tmp_path / "traces"
+    taken.write_text("not a folder", "utf-8")
+    result = invoke(*FAST, "--methods", "lora-chat", "--lengths", "384", "--trace", str(taken))
+    assert result.exit_code == 2
+    assert "is a file, not a folder" in result.output and "Traceback" not in result.output
+    assert taken.read_text("utf-8") == "not a folder"
+
+
 def test_qwen_vl_7b_without_a_gpu_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(profile_service, "_gpu", lambda: False)
     result = invoke("--preset", "qwen-vl-7b", "--output", str(tmp_path / "p.json"))
