@@ -300,11 +300,11 @@ def test_a_packed_rows_summed_loss_equals_its_samples_alone(vl_models, tmp_path,
     packed = family.training_dataset(samples, config, DEMO_DATA.parent, 512, rows)
     batch = collate([packed[0], packed[1]])
     assert batch["attention_mask"][0].max() == 3 and batch["attention_mask"][1].max() == 1
-    inputs = family.training_inputs(model, batch)
+    inputs = family.training_inputs(model, batch, packed=True)
     assert inputs["attention_mask"] is None and inputs["position_ids"].shape == (4, *batch["input_ids"].shape)
     wrapper = torch.nn.Module()  # as DDP hands the model to the Trainer's compute_loss
     wrapper.module = model
-    assert torch.equal(family.training_inputs(wrapper, batch)["position_ids"], inputs["position_ids"])
+    assert torch.equal(family.training_inputs(wrapper, batch, packed=True)["position_ids"], inputs["position_ids"])
     first = len(samples[0])
     assert inputs["position_ids"][0, 0, first] == 0  # the second sample's text positions restart
     alone = family.training_dataset(samples, config, DEMO_DATA.parent, 512)
@@ -320,7 +320,17 @@ def test_a_packed_rows_summed_loss_equals_its_samples_alone(vl_models, tmp_path,
     assert torch.allclose(packed_loss, sum(single), rtol=0, atol=1e-4 * len(samples)), (packed_loss, single)
     # the unpacked batch passes unchanged, and attention across samples would change the loss
     plain = collate([alone[0]])
-    assert family.training_inputs(model, plain) is plain
+    assert family.training_inputs(model, plain, packed=True) is plain
+    # a run without --packing passes every batch unchanged without reading its mask on the host (a GPU sync)
+    from qwenvl_cli.step_trace import SyncCensus
+
+    census = SyncCensus(cuda_only=False)
+    census.start()
+    try:
+        assert family.training_inputs(model, plain) is plain
+    finally:
+        census.stop()
+    assert census.sites() == []
     leaky = dict(inputs, use_cache=True)  # with a cache transformers ignores packed positions: one causal span
     with torch.no_grad():
         assert not torch.allclose(summed_token_loss(model, leaky), sum(single), atol=1e-2)

@@ -137,9 +137,10 @@ class ModelFamily(ABC):
     @abstractmethod
     def collator(self, tokenizer: Any, pad_to: int | None = None) -> Any: ...
 
-    def training_inputs(self, model: Any, inputs: dict) -> dict:
-        """A collated batch → the model's keyword arguments (the Trainer calls it before each forward pass);
-        families whose model takes the batch as it is return it unchanged."""
+    def training_inputs(self, model: Any, inputs: dict, packed: bool = False) -> dict:
+        """A collated batch → the model's keyword arguments (the Trainer calls it before each forward pass;
+        `packed`: the run trains with --packing); families whose model takes the batch as it is return it
+        unchanged."""
         return inputs
 
     # where --vision-lr and --merger-lr apply: a parameter name containing `vision_module` is the vision

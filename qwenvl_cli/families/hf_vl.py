@@ -746,12 +746,13 @@ class HFVisionFamily(ModelFamily):
             return PackedPictureDataset(list(samples), rows, folder, image_root, int(pad), pixels)
         return PictureDataset(list(samples), folder, image_root, int(pad), pixels)
 
-    def training_inputs(self, model, inputs: dict) -> dict:
+    def training_inputs(self, model, inputs: dict, packed: bool = False) -> dict:
         """A packed batch (its attention mask numbers the samples of each row) → per-sample M-RoPE position
         ids with the text positions first (transformers' packed format) and no attention mask: transformers'
-        masking then confines each token's attention to its own sample. Unpacked batches pass unchanged."""
+        masking then confines each token's attention to its own sample. Unpacked batches pass unchanged; a run
+        without --packing never reads its mask on the host (on a GPU that read waits for the device)."""
         mask = inputs.get("attention_mask")
-        if mask is None or int(mask.max()) <= 1:
+        if not packed or mask is None or int(mask.max()) <= 1:
             return inputs
         inputs = dict(inputs)
         inputs["position_ids"] = packed_position_ids(model, inputs)

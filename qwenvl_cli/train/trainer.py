@@ -57,7 +57,8 @@ def build_trainer(model, setup: RunSetup, samples, image_root: Path, emit, evalu
             return super().create_optimizer(model)
 
         def compute_loss(self, model, inputs, *args, **kwargs):
-            return super().compute_loss(model, family.training_inputs(model, inputs), *args, **kwargs)
+            inputs = family.training_inputs(model, inputs, packed=options.packing)
+            return super().compute_loss(model, inputs, *args, **kwargs)
 
         def training_step(self, model, inputs, *args, **kwargs):
             tick = time.perf_counter()
