@@ -13,8 +13,9 @@ touched by the profiler's overhead), records it with `torch.profiler` and writes
   GPU waits on the host for), and the kernels that take the most time.
 - `sync_sites`: where those host syncs come from, by the Python lines (in qwenvl, transformers, peft,
   accelerate) that called them, counted during the cell's first warmup step by a hook on aten's dispatcher
-  (`SyncCensus`; its overhead never reaches a measured or traced step). It sees the forward pass; the
-  backward pass runs on autograd's own threads. On a GPU only calls on CUDA tensors are counted.
+  (`SyncCensus`; its overhead never reaches a measured or traced step), `Tensor.tolist()` and blocking copies
+  from the GPU included. It sees the forward pass; the backward pass runs on autograd's own threads. On a
+  GPU only calls on CUDA tensors are counted.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class TraceOp(BaseModel):
 
 
 class SyncSite(BaseModel):
-    operator: str  # an aten name from SYNC_OPERATORS
+    operator: str  # an aten name from SYNC_OPERATORS, TOLIST or TO_HOST
     calls: int  # in the census step (every micro-batch of one optimizer step)
     where: str  # the calling lines, innermost first
 
@@ -172,13 +173,24 @@ def _site(frame) -> str:
     return " ← ".join(found) if found else "(outside qwenvl, transformers, peft and accelerate)"
 
 
+TOLIST = "Tensor.tolist"  # a copy to the host with no aten operator of its own on a CPU tensor
+TO_HOST = "copy to the host"  # aten::_to_copy / aten::copy_ from a CUDA tensor into CPU memory, blocking
+
+
 class SyncCensus:
-    """Counts SYNC_OPERATORS calls by their calling lines while started (a TorchDispatchMode on this thread)."""
+    """Counts, by their calling lines, the calls that make the host wait for the GPU while started: the
+    SYNC_OPERATORS (a TorchDispatchMode on this thread), `Tensor.tolist()` (wrapped while started: on a CPU
+    tensor it calls no operator the mode could see) and blocking copies from CUDA into CPU memory."""
 
     def __init__(self, cuda_only: bool):
         self.cuda_only = cuda_only
         self.counts: Counter[tuple[str, str]] = Counter()
         self.mode = None
+        self.tolist = None
+        self.in_tolist = False
+
+    def _count(self, name: str, frame) -> None:
+        self.counts[name, _site(frame)] += 1
 
     def start(self) -> None:
         import torch
@@ -187,23 +199,52 @@ class SyncCensus:
 
         census = self
 
+        def on_cuda(*values) -> bool:
+            return any(isinstance(leaf, torch.Tensor) and leaf.is_cuda for leaf in tree_leaves(values))
+
+        def to_host(name: str, args, kwargs) -> bool:
+            if name == "aten::_to_copy":
+                device = (kwargs or {}).get("device")
+                return args[0].is_cuda and device is not None and torch.device(device).type == "cpu"
+            if name == "aten::copy_":
+                non_blocking = (kwargs or {}).get("non_blocking", args[2] if len(args) > 2 else False)
+                return args[1].is_cuda and args[0].device.type == "cpu" and not non_blocking
+            return False
+
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 name = func._schema.name
-                if name in SYNC_OPERATORS and (
-                    not census.cuda_only
-                    or any(isinstance(leaf, torch.Tensor) and leaf.is_cuda for leaf in tree_leaves((args, kwargs)))
-                ):
-                    census.counts[name, _site(sys._getframe(1))] += 1
+                if name in SYNC_OPERATORS and (not census.cuda_only or on_cuda(args, kwargs)):
+                    census._count(name, sys._getframe(1))
+                elif not census.in_tolist and to_host(name, args, kwargs):
+                    census._count(TO_HOST, sys._getframe(1))
                 return func(*args, **(kwargs or {}))
 
+        original = torch.Tensor.tolist
+
+        def tolist(tensor):
+            if not census.cuda_only or tensor.is_cuda:
+                census._count(TOLIST, sys._getframe(1))
+            census.in_tolist = True
+            try:
+                return original(tensor)
+            finally:
+                census.in_tolist = False
+
+        self.tolist = original
+        torch.Tensor.tolist = tolist
         self.mode = Mode()
         self.mode.__enter__()
 
     def stop(self) -> None:
+        import torch
+
         if self.mode is not None:
             self.mode.__exit__(None, None, None)
             self.mode = None
+        if self.tolist is not None:
+            torch.Tensor.tolist = self.tolist
+            self.tolist = None
 
     def sites(self, top: int = TOP) -> list[SyncSite]:
         return [

@@ -463,3 +463,31 @@ def test_the_upstream_path_gives_the_same_loss_and_gradients(config, tokenizer):
         plain = small_model(config).eval()(input_ids=ids, pixel_values=pixels, use_cache=False).logits
     assert eager.shape[1] == width
     torch.testing.assert_close(eager[:, : ids.shape[1]], plain, atol=1e-5, rtol=0)
+
+
+def test_attention_mask_4d_cases_and_one_host_read():
+    """The 4-D mask: None where plain causal attention does, padded keys hidden (a query with no key left sees
+    itself), packed rows attend within their own sample; deciding which takes one read on the host (a GPU
+    sync), not one per question."""
+    from qwenvl_cli.model.modeling import attention_mask_4d
+    from qwenvl_cli.step_trace import SyncCensus
+
+    def reads(*args):
+        census = SyncCensus(cuda_only=False)
+        census.start()
+        try:
+            mask = attention_mask_4d(*args, torch.device("cpu"))
+        finally:
+            census.stop()
+        return mask, sum(site.calls for site in census.sites())
+
+    mask, syncs = reads(torch.ones(2, 4, dtype=torch.long), 2, 4, 0)
+    assert mask is None and syncs == 1
+    mask, syncs = reads(torch.ones(1, 1, dtype=torch.long), 1, 1, 3)  # one new token after a cache of 3
+    assert mask is None and syncs == 1
+    mask, _ = reads(torch.tensor([[0, 1, 1]]), 1, 3, 0)  # left padding
+    assert mask[0, 0].tolist() == [[True, False, False], [False, True, False], [False, True, True]]
+    mask, _ = reads(torch.tensor([[1, 1, 2, 2, 0]]), 1, 5, 0)  # two packed samples and a pad
+    assert mask[0, 0, :4].int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0]]
+    mask, _ = reads(torch.tensor([[0, 1, 1, 1]]), 1, 2, 2)  # padded prompt, then two tokens with a cache
+    assert mask[0, 0].tolist() == [[False, True, True, False], [False, True, True, True]]

@@ -124,7 +124,9 @@ def test_sync_census_counts_by_calling_line_and_device():
 
     def step(values):
         values = values.clone()
-        return values.nonzero(), values.sum().item(), values.nonzero()
+        return values.nonzero(), values.sum().item(), values.nonzero(), values.tolist()
+
+    original = torch.Tensor.tolist
 
     everywhere, cuda_only = SyncCensus(cuda_only=False), SyncCensus(cuda_only=True)
     for census in (everywhere, cuda_only):
@@ -135,10 +137,11 @@ def test_sync_census_counts_by_calling_line_and_device():
         finally:
             census.stop()
     calls = {site.operator: site.calls for site in everywhere.sites()}
-    assert calls == {"aten::nonzero": 4, "aten::_local_scalar_dense": 2}
+    assert calls == {"aten::nonzero": 4, "aten::_local_scalar_dense": 2, "Tensor.tolist": 2}
     assert cuda_only.sites() == []  # CPU tensors make no host wait
-    torch.tensor([1.0]).nonzero()  # stopped: not counted
-    assert sum(site.calls for site in everywhere.sites()) == 6
+    torch.tensor([1.0]).nonzero().tolist()  # stopped: not counted
+    assert sum(site.calls for site in everywhere.sites()) == 8
+    assert torch.Tensor.tolist is original  # the wrapper is gone
 
 
 def test_trace_summary_of_a_gpu_step():

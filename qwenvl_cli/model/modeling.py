@@ -324,11 +324,16 @@ def attention_mask_4d(
     the samples of packed rows, other samples' keys too). None when plain causal attention does (no padding
     and no cache, or a single new token without padding)."""
     total = past + seq
-    packed = attention_mask is not None and bool((attention_mask > 1).any())
+    packed = full = False
+    if attention_mask is not None:
+        # both questions in one read on the host (on a GPU each read waits for the device); the ones a cache
+        # pads the mask with below change neither answer
+        answers = torch.stack([(attention_mask > 1).any(), attention_mask[:, :total].all()]).tolist()
+        packed, full = bool(answers[0]), bool(answers[1])
     if attention_mask is not None and not packed:
         if attention_mask.shape[1] == seq and past:
             attention_mask = F.pad(attention_mask, (past, 0), value=1)
-        if bool(attention_mask[:, :total].all()):
+        if full:
             attention_mask = None
     if attention_mask is None and (past == 0 or seq == 1):
         return None
