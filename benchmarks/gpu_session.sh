@@ -96,6 +96,8 @@ for cell in result.cells + result.baseline_cells:
     print(f"{sys.argv[1].rsplit('/', 1)[-1]}: {cell.method} {cell.length} {cell.recipe}: {cell.status}: {speed}")
     if cell.trace is not None:
         print("  trace:", cell.trace.line())
+        for site in cell.trace.sync_sites[:8]:
+            print(f"  host sync: {site.calls} × {site.operator} ← {site.where}")
 for ratio in result.ratios:
     print(f"  vs upstream: s/it ×{ratio.seconds_per_step_vs_upstream}, memory ×{ratio.memory_vs_upstream}")
 EOF
