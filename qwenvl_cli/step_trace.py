@@ -14,8 +14,8 @@ touched by the profiler's overhead), records it with `torch.profiler` and writes
 - `sync_sites`: where those host syncs come from, by the Python lines (in qwenvl, transformers, peft,
   accelerate) that called them, counted during the cell's first warmup step by a hook on aten's dispatcher
   (`SyncCensus`; its overhead never reaches a measured or traced step), `Tensor.tolist()` and blocking copies
-  from the GPU included. It sees the forward pass; the backward pass runs on autograd's own threads. On a
-  GPU only calls on CUDA tensors are counted.
+  from the GPU included. It sees the forward pass; on a GPU not the backward pass (autograd's device thread).
+  On a GPU only calls on CUDA tensors are counted.
 """
 
 from __future__ import annotations
