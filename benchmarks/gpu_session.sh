@@ -2,11 +2,11 @@
 # A lent GPU's whole session in one call (issue 16): the 7B-size profile (targets, a torch.profiler trace, the
 # compiled step, the upstream ratio, the newer families at 7B/8B), packing against dynamic padding on mixed
 # lengths at the 7B size, and the training checks that never ran on a GPU, most telling first, within
-# BUDGET_S; then everything packed into $OUT as at most three files (what the device tool brings back: 8 files).
+# BUDGET_S; then everything packed into $OUT as four files (the device tool brings back 8 at most).
 #
 #   python benchmarks/gpu_wheels.py              # here, once: .whl/ (git-ignored, 26 MiB) and its check
 #   run: carry [".whl"], timeout_s 600, command:
-#     OUT=$OUT bash benchmarks/gpu_session.sh     # → $OUT/summary.txt, $OUT/session.tgz, $OUT/session.log
+#     OUT=$OUT bash benchmarks/gpu_session.sh     # → summary.txt, session.tgz, session.log, versions.txt
 #   a second call at once (the machine is still warm), for what the first did not reach:
 #     OUT=$OUT STEPS_LEFT=packing,check GRIDS=rest,family-qlora BUDGET_S=240 bash benchmarks/gpu_session.sh
 #
