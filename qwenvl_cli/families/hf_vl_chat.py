@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..markup import pictures_in_history, query_with_pictures
+from ..model.generation import PictureConversation, TextStream
 from ..schemas import GenerationSettings
 
 PICTURE_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>")
@@ -205,28 +205,19 @@ def stream_token_ids(
         raise failure[0]
 
 
-class PieceDecoder:
-    """Token ids → text pieces: control tokens dropped, grounding tokens kept, incomplete UTF-8 held back."""
+class PieceDecoder(TextStream):
+    """Token ids → text pieces for the newer families' tokenizers: their control tokens dropped, grounding
+    tokens kept, incomplete UTF-8 held back (`TextStream`'s rules)."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.control = {tokenizer.convert_tokens_to_ids(t) for t in CONTROL_TOKENS} - {None, tokenizer.unk_token_id}
-        self.ids: list[int] = []
-        self.text = ""
+    def control_ids(self, tokenizer) -> set[int]:
+        return {tokenizer.convert_tokens_to_ids(t) for t in CONTROL_TOKENS} - {None, tokenizer.unk_token_id}
 
-    def push(self, token: int) -> str:
-        if token in self.control:
-            return ""
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        if text.endswith("\ufffd"):
-            return ""
-        piece, self.text = text[len(self.text) :], text
-        return piece
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 @dataclass
-class VisionChatSession:
+class VisionChatSession(PictureConversation):
     """A conversation with a Qwen2-VL-family model: `history` holds (query, answer) pairs, the queries with
     their `Picture N: <img>…</img>\\n` markup numbered across the conversation, the answers as the model wrote
     them (its own box convention)."""
@@ -236,22 +227,9 @@ class VisionChatSession:
     generation: dict[str, Any] = field(default_factory=dict)
     history: list[tuple[str, str]] = field(default_factory=list)
 
-    @property
-    def pictures(self) -> int:
-        return pictures_in_history(self.history)
-
-    def make_query(self, text: str, images: Sequence[str] = ()) -> str:
-        return query_with_pictures(self.history, text, images)
-
     def prompt(self, query: str) -> dict:
         turns = [t for q, r in self.history for t in (("user", q), ("assistant", r))] + [("user", query)]
         return self.processor.encode_prompt(turns)
-
-    def stream(
-        self, text: str, images: Sequence[str] = (), settings: GenerationSettings | None = None
-    ) -> Iterator[str]:
-        """Yield the answer as it is generated; the exchange joins the history once it completes."""
-        yield from self.stream_query(self.make_query(text, images), settings)
 
     def stream_query(self, query: str, settings: GenerationSettings | None = None) -> Iterator[str]:
         """`stream` for a query that already holds its picture markup (to regenerate an answer)."""
@@ -271,8 +249,3 @@ class VisionChatSession:
         finally:
             tokens.close()
         self.history.append((query, decoder.text.strip()))
-
-    def ask(self, text: str, images: Sequence[str] = (), settings: GenerationSettings | None = None) -> str:
-        for _ in self.stream(text, images, settings):
-            pass
-        return self.history[-1][1]

@@ -86,28 +86,60 @@ def generate(model, input_ids, pixel_values=None, settings=None, stop_ids=()) ->
 
 class TextStream:
     """Turns a stream of token ids into text pieces, holding back incomplete UTF-8 sequences and
-    dropping control and picture tokens a model may emit; grounding tokens (`<ref>`, `<box>` …) stay."""
+    dropping control and picture tokens a model may emit; grounding tokens (`<ref>`, `<box>` …) stay.
+    A family with another tokenizer overrides `control_ids` and `decode` (families/hf_vl_chat.py)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        kept = (REF_START, REF_END, BOX_START, BOX_END, QUAD_START, QUAD_END)
-        self.control = set(tokenizer.special_ids.values()) - {tokenizer.special_ids[t] for t in kept}
+        self.control = self.control_ids(tokenizer)
         self.ids: list[int] = []
         self.text = ""
+
+    def control_ids(self, tokenizer) -> set[int]:
+        kept = (REF_START, REF_END, BOX_START, BOX_END, QUAD_START, QUAD_END)
+        return set(tokenizer.special_ids.values()) - {tokenizer.special_ids[t] for t in kept}
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
 
     def push(self, token: int) -> str:
         if token in self.control:
             return ""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
+        text = self.decode(self.ids)
         if text.endswith("\ufffd"):
             return ""
         piece, self.text = text[len(self.text) :], text
         return piece
 
 
+class PictureConversation:
+    """What every chat session shares: `history` of (query, answer) pairs whose queries carry their
+    `Picture N: <img>…</img>\\n` markup, numbered across the conversation. A session gives `stream_query`."""
+
+    history: list[tuple[str, str]]
+
+    @property
+    def pictures(self) -> int:
+        return pictures_in_history(self.history)
+
+    def make_query(self, text: str, images: Sequence[str] = ()) -> str:
+        return query_with_pictures(self.history, text, images)
+
+    def stream(
+        self, text: str, images: Sequence[str] = (), settings: GenerationSettings | None = None
+    ) -> Iterator[str]:
+        """Yield the answer as it is generated; the exchange joins the history once it completes."""
+        yield from self.stream_query(self.make_query(text, images), settings)
+
+    def ask(self, text: str, images: Sequence[str] = (), settings: GenerationSettings | None = None) -> str:
+        for _ in self.stream(text, images, settings):
+            pass
+        return self.history[-1][1]
+
+
 @dataclass
-class ChatSession:
+class ChatSession(PictureConversation):
     """A conversation with a model: `history` holds (query, response) pairs, the queries with their
     `Picture N: <img>…</img>\\n` markup, numbered across the whole conversation."""
 
@@ -116,13 +148,6 @@ class ChatSession:
     chat_format: str = "chatml"
     max_window_size: int = 6144
     history: list[tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def pictures(self) -> int:
-        return pictures_in_history(self.history)
-
-    def make_query(self, text: str, images: Sequence[str] = ()) -> str:
-        return query_with_pictures(self.history, text, images)
 
     def prompt(self, query: str) -> dict:
         if self.chat_format == "raw":
@@ -140,12 +165,6 @@ class ChatSession:
         tok = self.processor.tokenizer
         return [tok.special_ids[IM_END], tok.special_ids[IM_START], tok.eod_id]
 
-    def stream(
-        self, text: str, images: Sequence[str] = (), settings: GenerationSettings | None = None
-    ) -> Iterator[str]:
-        """Yield the answer as it is generated; the exchange joins the history once it completes."""
-        yield from self.stream_query(self.make_query(text, images), settings)
-
     def stream_query(self, query: str, settings: GenerationSettings | None = None) -> Iterator[str]:
         """`stream` for a query that already holds its picture markup (to regenerate an answer)."""
         inputs = self.prompt(query)
@@ -161,8 +180,3 @@ class ChatSession:
             if piece:
                 yield piece
         self.history.append((query, decoder.text.strip()))
-
-    def ask(self, text: str, images: Sequence[str] = (), settings: GenerationSettings | None = None) -> str:
-        for _ in self.stream(text, images, settings):
-            pass
-        return self.history[-1][1]
