@@ -38,18 +38,7 @@ if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-$PY - >"$OUT/versions.txt" 2>&1 <<'EOF'
-import importlib
-import torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
-for name in ("qwenvl_cli", "transformers", "peft", "accelerate", "bitsandbytes", "deepspeed", "pydantic", "huggingface_hub"):
-    try:
-        module = importlib.import_module(name)
-        print(name, getattr(module, "__version__", "?"))
-    except Exception as exc:  # noqa: BLE001 - a report
-        print(name, "missing:", type(exc).__name__, exc)
-import qwenvl_cli.cli  # noqa: F401 - the CLI imports, or nothing below can run
-EOF
+$PY benchmarks/versions.py --require-cli >"$OUT/versions.txt" 2>&1
 rc=$?
 cat "$OUT/versions.txt" >>"$LOG"
 [ $rc = 0 ] || { say "qwenvl does not import here (versions.txt)"; exit 1; }

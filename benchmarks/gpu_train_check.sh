@@ -18,15 +18,7 @@ RESULTS=$OUT/steps.jsonl
 : >"$RESULTS"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$OUT/gpu.txt" 2>&1
-$PY - >"$OUT/versions.txt" 2>&1 <<'EOF'
-import importlib, torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
-for name in ("transformers", "peft", "accelerate", "deepspeed", "bitsandbytes", "gptqmodel"):
-    try:
-        print(name, importlib.import_module(name).__version__)
-    except Exception as exc:  # noqa: BLE001 - a report, not a check
-        print(name, "missing:", type(exc).__name__, exc)
-EOF
+$PY benchmarks/versions.py >"$OUT/versions.txt" 2>&1
 
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-100000} ))  # BUDGET_S: steps not started by then are recorded as not run
 step() {  # step NAME NEEDS_MODULE -- command...
